@@ -1,0 +1,163 @@
+"""Batched Newton-Schulz orthogonalisation, the inner loop of Muon.
+
+Each matrix G is scaled to unit Frobenius norm and pushed towards U·Vᵀ (from
+G = U·S·Vᵀ) by the odd polynomial iteration
+
+    A = X·Xᵀ;  B = b·A + c·A·A;  X = a·X + B·X
+
+in bf16 with fp32 accumulation. Wide matrices keep Xᵀ·X-free products small;
+tall ones (M > N) run on their transpose for the same reason.
+
+Order of this file: coefficients → reference → torch.library op → public function.
+"""
+
+import math
+from typing import Sequence
+
+import torch
+
+from kernels._checks import FLOAT_DTYPES, check_tensor
+from kernels.backend import load_impl, resolve_backend
+
+QUINTIC = (3.4445, -4.7750, 2.0315)
+
+# Amsel et al. 2025 ("polar express"), one tuple per step, as the speedrun uses
+# them; they assume the spectrum was scaled into [0, 1] with a 1.02 safety margin.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_NORM_SCALE = 1.02
+
+
+def resolve_coefficients(coefficients, steps) -> tuple[list[tuple[float, float, float]], float]:
+    """(per-step (a, b, c) list, norm scale) for a coefficients argument."""
+    if isinstance(coefficients, str):
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps: expected >= 1, got {steps}")
+        if coefficients == "quintic":
+            return [QUINTIC] * steps, 1.0
+        if coefficients == "polar_express":
+            if steps > len(POLAR_EXPRESS):
+                raise ValueError(f"steps: 'polar_express' defines {len(POLAR_EXPRESS)} steps, got steps={steps}")
+            return list(POLAR_EXPRESS[:steps]), POLAR_EXPRESS_NORM_SCALE
+        raise ValueError(f"coefficients: unknown name {coefficients!r}; expected 'quintic', "
+                         "'polar_express' or a sequence of (a, b, c) tuples")
+    if not isinstance(coefficients, Sequence) or len(coefficients) == 0:
+        raise ValueError(f"coefficients: expected a name or a non-empty sequence of (a, b, c) tuples, "
+                         f"got {coefficients!r}")
+    resolved = []
+    for i, abc in enumerate(coefficients):
+        if (not isinstance(abc, Sequence) or len(abc) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in abc)):
+            raise ValueError(f"coefficients[{i}]: expected a tuple of 3 finite numbers (a, b, c), got {abc!r}")
+        resolved.append(tuple(float(v) for v in abc))
+    return resolved, 1.0
+
+
+# ---------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------
+
+def _iterate(G: torch.Tensor, coefficients, norm_scale: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(G.float(), dim=(-2, -1), keepdim=True)
+    X = (G.float() / (norm_scale * norm + eps)).to(dtype)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT  # [B, N, M]: the Gram matrix is then the smaller N x N
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def reference_forward(G: torch.Tensor, coefficients, norm_scale: float, eps: float) -> torch.Tensor:
+    """G [B, M, N] -> orthogonalised [B, M, N] in G.dtype, iterated in bf16."""
+    return _iterate(G, coefficients, norm_scale, eps, torch.bfloat16).to(G.dtype)
+
+
+# ---------------------------------------------------------------------------
+# torch.library op
+# ---------------------------------------------------------------------------
+
+def _unflatten(coefficients: list[float]) -> list[tuple[float, float, float]]:
+    return [tuple(coefficients[i:i + 3]) for i in range(0, len(coefficients), 3)]
+
+
+@torch.library.custom_op("kernels::newton_schulz", mutates_args=())
+def _newton_schulz_op(G: torch.Tensor, coefficients: list[float], norm_scale: float, eps: float,
+                      backend: str) -> torch.Tensor:
+    steps = _unflatten(coefficients)
+    if backend == "reference":
+        return reference_forward(G, steps, norm_scale, eps)
+    return load_impl(backend, "newton_schulz").forward(G, steps, norm_scale, eps)
+
+
+@_newton_schulz_op.register_fake
+def _(G, coefficients, norm_scale, eps, backend):
+    return torch.empty_like(G)
+
+
+@torch.library.custom_op("kernels::newton_schulz_backward", mutates_args=())
+def _newton_schulz_backward_op(grad: torch.Tensor, G: torch.Tensor, coefficients: list[float],
+                               norm_scale: float, eps: float) -> torch.Tensor:
+    # The bf16 iteration has no useful derivative (rounding is piecewise
+    # constant); the gradient is that of the same iteration carried out in fp32.
+    with torch.enable_grad():
+        G32 = G.detach().float().requires_grad_(True)
+        X = _iterate(G32, _unflatten(coefficients), norm_scale, eps, torch.float32)
+        (dG,) = torch.autograd.grad(X, G32, grad.float())
+    return dG.to(G.dtype)
+
+
+@_newton_schulz_backward_op.register_fake
+def _(grad, G, coefficients, norm_scale, eps):
+    return torch.empty_like(G)
+
+
+def _setup_context(ctx, inputs, output):
+    G, coefficients, norm_scale, eps, _backend = inputs
+    ctx.save_for_backward(G)
+    ctx.coefficients, ctx.norm_scale, ctx.eps = coefficients, norm_scale, eps
+
+
+def _backward(ctx, grad):
+    (G,) = ctx.saved_tensors
+    dG = _newton_schulz_backward_op(grad.contiguous(), G, ctx.coefficients, ctx.norm_scale, ctx.eps)
+    return dG, None, None, None, None
+
+
+_newton_schulz_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="quintic", eps: float = 1e-7,
+                  backend: str | None = None) -> torch.Tensor:
+    """Approximate U·Vᵀ of each matrix of G ``[..., M, N]``; same shape and dtype out.
+
+    coefficients: "quintic" (Muon's (3.4445, -4.7750, 2.0315) at each of
+    ``steps`` steps), "polar_express" (the first ``steps`` of its 5 per-step
+    tuples, norm inflated by 1.02) or a sequence of (a, b, c) tuples, whose
+    length is then the number of steps and ``steps`` is not used.
+    Differentiable: the gradient is that of the iteration in fp32.
+    """
+    check_tensor("G", G, FLOAT_DTYPES, min_dim=2)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
+    per_step, norm_scale = resolve_coefficients(coefficients, steps)
+    backend = resolve_backend("newton_schulz", backend, G.device)
+    M, N = G.shape[-2:]
+    if G.numel() == 0:
+        return G.clone()
+    flat = [v for abc in per_step for v in abc]
+    X = _newton_schulz_op(G.reshape(-1, M, N).contiguous(), flat, float(norm_scale), float(eps), backend)
+    return X.reshape(G.shape)

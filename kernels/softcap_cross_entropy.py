@@ -1,0 +1,148 @@
+"""Cross-entropy of softcapped logits, z = softcap·tanh(logit_scale·logits/softcap).
+
+The softcap bounds |z| by ``softcap`` (Gemma 2; the speedrun uses 15), so the
+exponentials stay tame; ``logit_scale`` folds in the head's 1/sqrt(d) factor.
+Plain PyTorch only: under torch.compile inductor fuses it, and the fused
+GPU variants live inside ``fp8_head_loss``.
+
+The op works on rows: it returns each row's loss and logsumexp, and the
+public wrapper reduces them with ordinary tensor ops, so autograd hands the
+backward one gradient per row whatever the reduction.
+"""
+
+import torch
+
+from kernels._checks import (INDEX_DTYPES, check_choice, check_int, check_positive_finite, check_tensor,
+                             check_target_values)
+
+REDUCTIONS = ("mean", "sum", "none")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ---------------------------------------------------------------------------
+# Reference (also the oracle of fp8_head_loss)
+# ---------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reference_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float, logit_scale: float,
+                      ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V], targets [N] -> (row_loss [N], lse [N]) in fp32 (float64 for float64 logits).
+
+    row_loss is 0 where the target is ignore_index.
+    """
+    z = softcap * torch.tanh(logits.to(_compute_dtype(logits.dtype)) * (logit_scale / softcap))
+    lse = torch.logsumexp(z, dim=-1)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0).long()
+    target_z = z.gather(-1, safe_targets[:, None]).squeeze(-1)
+    row_loss = torch.where(valid, lse - target_z, 0.0)
+    return row_loss, lse
+
+
+def reference_backward(row_grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                       softcap: float, logit_scale: float, ignore_index: int) -> torch.Tensor:
+    """d(sum_r row_grad[r]·row_loss[r]) / d(logits), in the compute dtype (fp32 or float64)."""
+    t = torch.tanh(logits.to(lse.dtype) * (logit_scale / softcap))
+    z = softcap * t
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0).long()
+    dz = torch.exp(z - lse[:, None])
+    dz.scatter_add_(-1, safe_targets[:, None], -torch.ones_like(lse)[:, None])
+    dz *= torch.where(valid, row_grad.to(dz.dtype), 0.0)[:, None]
+    return dz * (logit_scale * (1.0 - t * t))
+
+
+# ---------------------------------------------------------------------------
+# torch.library op
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("kernels::softcap_cross_entropy", mutates_args=())
+def _softcap_ce_op(logits: torch.Tensor, targets: torch.Tensor, softcap: float, logit_scale: float,
+                   ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_target_values(targets, logits.size(-1), ignore_index)
+    return reference_forward(logits, targets, softcap, logit_scale, ignore_index)
+
+
+@_softcap_ce_op.register_fake
+def _(logits, targets, softcap, logit_scale, ignore_index):
+    row = logits.new_empty(logits.shape[:-1], dtype=_compute_dtype(logits.dtype))
+    return row, torch.empty_like(row)
+
+
+@torch.library.custom_op("kernels::softcap_cross_entropy_backward", mutates_args=())
+def _softcap_ce_backward_op(row_grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                            lse: torch.Tensor, softcap: float, logit_scale: float,
+                            ignore_index: int) -> torch.Tensor:
+    return reference_backward(row_grad, logits, targets, lse, softcap, logit_scale, ignore_index).to(logits.dtype)
+
+
+@_softcap_ce_backward_op.register_fake
+def _(row_grad, logits, targets, lse, softcap, logit_scale, ignore_index):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, targets, softcap, logit_scale, ignore_index = inputs
+    _row_loss, lse = output
+    ctx.save_for_backward(logits, targets, lse)
+    ctx.softcap, ctx.logit_scale, ctx.ignore_index = softcap, logit_scale, ignore_index
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, row_grad, _lse_grad):
+    logits, targets, lse = ctx.saved_tensors
+    dlogits = _softcap_ce_backward_op(row_grad.contiguous(), logits, targets, lse, ctx.softcap, ctx.logit_scale,
+                                      ctx.ignore_index)
+    return dlogits, None, None, None, None
+
+
+_softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------
+
+def reduce_rows(row_loss: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+    """Apply ``reduction`` to per-row losses; "mean" divides by the non-ignored count (NaN when none)."""
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / (targets != ignore_index).sum()
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: float = 15.0,
+                          logit_scale: float = 1.0, reduction: str = "mean",
+                          ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy of softcap·tanh(logit_scale·logits/softcap), computed in fp32.
+
+    logits [..., V] (fp32, bf16, fp16 or float64), targets [...] (int64/int32)
+    in [0, V) or ignore_index. reduction: "mean" (over non-ignored targets),
+    "sum" or "none" (shape [...], 0 at ignored targets). The loss is fp32
+    (float64 for float64 logits).
+    """
+    check_tensor("logits", logits, LOGIT_DTYPES, min_dim=1)
+    check_tensor("targets", targets, INDEX_DTYPES)
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets: expected shape {tuple(logits.shape[:-1])} (logits' shape without the class dim), "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"targets: on {targets.device}, but logits is on {logits.device}")
+    if logits.size(-1) == 0:
+        raise ValueError(f"logits: the class dim is empty, shape {tuple(logits.shape)}")
+    softcap = check_positive_finite("softcap", softcap)
+    logit_scale = check_positive_finite("logit_scale", logit_scale)
+    check_choice("reduction", reduction, REDUCTIONS)
+    ignore_index = check_int("ignore_index", ignore_index)
+    V = logits.size(-1)
+    flat_targets = targets.reshape(-1)
+    row_loss, _lse = _softcap_ce_op(logits.reshape(-1, V).contiguous(), flat_targets.contiguous(),
+                                    softcap, logit_scale, ignore_index)
+    if reduction == "none":
+        return row_loss.reshape(targets.shape)
+    return reduce_rows(row_loss, flat_targets, reduction, ignore_index)
