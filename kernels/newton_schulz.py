@@ -104,15 +104,39 @@ def _(G, coefficients, norm_scale, eps, backend):
     return torch.empty_like(G)
 
 
+def _iteration_vjp(G: torch.Tensor, grad: torch.Tensor, coefficients, norm_scale: float, eps: float) -> torch.Tensor:
+    """dL/dG for L = <grad, iteration(G)>, the iteration carried out in G.dtype (fp32 or float64).
+
+    Written out by hand because autograd does not run inside a custom op.
+    """
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        G, grad = G.mT, grad.mT
+    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True)
+    denom = norm_scale * norm + eps
+    X = G / denom
+    saved = []
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        saved.append((X, A, B))
+        X = a * X + B @ X
+    dX = grad
+    for (a, b, c), (X, A, B) in zip(reversed(coefficients), reversed(saved)):
+        dB = dX @ X.mT
+        dA = b * dB + c * (dB @ A + A @ dB)
+        dX = a * dX + B.mT @ dX + (dA + dA.mT) @ X
+    # X0 = G / (s·‖G‖ + eps)
+    dG = dX / denom - (dX * G).sum(dim=(-2, -1), keepdim=True) * norm_scale / denom ** 2 * G / norm.clamp_min(1e-30)
+    return dG.mT if tall else dG
+
+
 @torch.library.custom_op("kernels::newton_schulz_backward", mutates_args=())
 def _newton_schulz_backward_op(grad: torch.Tensor, G: torch.Tensor, coefficients: list[float],
                                norm_scale: float, eps: float) -> torch.Tensor:
     # The bf16 iteration has no useful derivative (rounding is piecewise
     # constant); the gradient is that of the same iteration carried out in fp32.
-    with torch.enable_grad():
-        G32 = G.detach().float().requires_grad_(True)
-        X = _iterate(G32, _unflatten(coefficients), norm_scale, eps, torch.float32)
-        (dG,) = torch.autograd.grad(X, G32, grad.float())
+    dG = _iteration_vjp(G.float(), grad.float(), _unflatten(coefficients), norm_scale, eps)
     return dG.to(G.dtype)
 
 

@@ -20,11 +20,6 @@ if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "interpret: tier 1, Triton kernels at small shapes (interpreter on CPU)")
-    config.addinivalue_line("markers", "gpu: tier 2, needs a CUDA device")
-
-
 def pytest_runtest_setup(item):
     if item.get_closest_marker("gpu") and not _HAS_GPU:
         pytest.skip("tier 2: needs a CUDA device")
