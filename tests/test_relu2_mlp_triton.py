@@ -133,6 +133,33 @@ def test_matmul_epilogues_into_strided_output(triton_device):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("M, N", [(64, 45), (37, 64)])  # one dim a multiple of the 32-block, one ragged
+def test_matmul_stays_inside_its_views(triton_device, M, N):
+    # Operands are windows of NaN-filled buffers: a load past K (or past the aux window)
+    # turns valid outputs NaN. out is a window of a sentinel buffer: a store past M or N shows.
+    K, pad = 70, 19
+    g = torch.Generator().manual_seed(M + N)
+
+    def window(rows, cols, fill):
+        buf = torch.full((rows + pad, cols + pad), fill, dtype=torch.float16)
+        buf[:rows, :cols] = torch.rand(rows, cols, generator=g) - 0.25
+        return buf.to(triton_device), buf[:rows, :cols].to(triton_device)
+
+    _, a = window(M, K, float("nan"))
+    _, b = window(K, N, float("nan"))
+    _, post = window(M, N, float("nan"))
+    post = post.abs()
+    out_buf, _ = window(M, N, 1234.0)
+    out_buf[:M, :N] = float("nan")
+    out = out_buf[:M, :N]
+    impl.matmul(a, b, out, epilogue=impl.EPILOGUE_RELU_SQUARE_GRAD, aux=post, config=dict(_SMALL, SPLIT_K=1))
+    _assert_close("out", out, (a.double() @ b.double()) * 2 * post.double().sqrt(), _TOL[torch.float16])
+    outside = torch.ones_like(out_buf, dtype=torch.bool)
+    outside[:M, :N] = False
+    assert (out_buf[outside] == 1234.0).all(), "the kernel wrote outside out's window"
+
+
+@pytest.mark.interpret
 def test_public_op_leading_dims_and_saved_activation(triton_device):
     B, S, D, H = 3, 17, 40, 72
     T = B * S  # T > D, so the [H, D] weights are smaller than one [T, H] activation
