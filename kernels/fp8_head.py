@@ -106,48 +106,53 @@ def _fp8_head_loss_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_target_values(targets, weight.size(0), ignore_index)
     impl = reference_forward if backend == "reference" else load_impl(backend, "fp8_head").forward
-    return impl(x, weight, targets, softcap, logit_scale, x_scale, w_scale, ignore_index)
+    row_loss, lse, x_f8, w_f8, used_scales = impl(x, weight, targets, softcap, logit_scale, x_scale, w_scale,
+                                                  ignore_index)
+    # float8 crosses the op boundary as raw bytes: several torch utilities that
+    # handle op outputs (opcheck among them) have no float8 kernels.
+    return row_loss, lse, x_f8.view(torch.uint8), w_f8.view(torch.uint8), used_scales
 
 
 @_fp8_head_loss_op.register_fake
 def _(x, weight, targets, softcap, logit_scale, x_scale, w_scale, grad_scale, ignore_index, backend):
     T, V = x.size(0), weight.size(0)
     row_loss = x.new_empty((T,), dtype=torch.float32)
-    return (row_loss, torch.empty_like(row_loss), torch.empty_like(x, dtype=torch.float8_e4m3fn),
-            torch.empty_like(weight, dtype=torch.float8_e4m3fn), x.new_empty((2,), dtype=torch.float32))
+    return (row_loss, torch.empty_like(row_loss), torch.empty_like(x, dtype=torch.uint8),
+            torch.empty_like(weight, dtype=torch.uint8), x.new_empty((2,), dtype=torch.float32))
 
 
 @torch.library.custom_op("kernels::fp8_head_loss_backward", mutates_args=())
-def _fp8_head_loss_backward_op(row_grad: torch.Tensor, x_f8: torch.Tensor, w_f8: torch.Tensor,
+def _fp8_head_loss_backward_op(row_grad: torch.Tensor, x_bytes: torch.Tensor, w_bytes: torch.Tensor,
                                targets: torch.Tensor, lse: torch.Tensor, used_scales: torch.Tensor,
                                softcap: float, logit_scale: float, grad_scale: float | None, ignore_index: int,
                                x_dtype: torch.dtype, w_dtype: torch.dtype, backend: str
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     # Backends may assume ignored rows carry no gradient.
     row_grad = torch.where(targets != ignore_index, row_grad.float(), 0.0)
+    x_f8, w_f8 = x_bytes.view(torch.float8_e4m3fn), w_bytes.view(torch.float8_e4m3fn)
     impl = reference_backward if backend == "reference" else load_impl(backend, "fp8_head").backward
     return impl(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap, logit_scale, grad_scale, ignore_index,
                 x_dtype, w_dtype)
 
 
 @_fp8_head_loss_backward_op.register_fake
-def _(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap, logit_scale, grad_scale, ignore_index,
+def _(row_grad, x_bytes, w_bytes, targets, lse, used_scales, softcap, logit_scale, grad_scale, ignore_index,
       x_dtype, w_dtype, backend):
-    return torch.empty_like(x_f8, dtype=x_dtype), torch.empty_like(w_f8, dtype=w_dtype)
+    return torch.empty_like(x_bytes, dtype=x_dtype), torch.empty_like(w_bytes, dtype=w_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, targets, softcap, logit_scale, _xs, _ws, grad_scale, ignore_index, backend = inputs
-    _row_loss, lse, x_f8, w_f8, used_scales = output
-    ctx.save_for_backward(x_f8, w_f8, targets, lse, used_scales)
-    ctx.mark_non_differentiable(lse, x_f8, w_f8, used_scales)
+    _row_loss, lse, x_bytes, w_bytes, used_scales = output
+    ctx.save_for_backward(x_bytes, w_bytes, targets, lse, used_scales)
+    ctx.mark_non_differentiable(lse, x_bytes, w_bytes, used_scales)
     ctx.softcap, ctx.logit_scale, ctx.grad_scale = softcap, logit_scale, grad_scale
     ctx.ignore_index, ctx.backend, ctx.dtypes = ignore_index, backend, (x.dtype, weight.dtype)
 
 
 def _backward(ctx, row_grad, *_unused_grads):
-    x_f8, w_f8, targets, lse, used_scales = ctx.saved_tensors
-    dx, dw = _fp8_head_loss_backward_op(row_grad.contiguous(), x_f8, w_f8, targets, lse, used_scales, ctx.softcap,
+    x_bytes, w_bytes, targets, lse, used_scales = ctx.saved_tensors
+    dx, dw = _fp8_head_loss_backward_op(row_grad.contiguous(), x_bytes, w_bytes, targets, lse, used_scales, ctx.softcap,
                                         ctx.logit_scale, ctx.grad_scale, ctx.ignore_index, *ctx.dtypes,
                                         ctx.backend)
     return dx, dw, None, None, None, None, None, None, None, None
