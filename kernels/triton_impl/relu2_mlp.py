@@ -73,12 +73,12 @@ def _matmul_epilogue_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    k_start = pid_k * K_PER_SPLIT
     if INDEX_64:
+        pid_k = pid_k.to(tl.int64)
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
-        k_start = k_start.to(tl.int64)
+    k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -86,15 +86,28 @@ def _matmul_epilogue_kernel(
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
     b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Masks name only the ragged dims: a row mask is constant along k, so a ragged T
+    # still lets the compiler vectorise the loads (and pipeline them with cp.async).
     for k in range(k_start, k_end, BLOCK_K):
-        if EVEN_M and EVEN_K:
-            a = tl.load(a_ptrs)
+        if EVEN_K:
+            if EVEN_M:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
         else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k), other=0.0)
-        if EVEN_N and EVEN_K:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & mask_n[None, :], other=0.0)
+            mask_k = offs_k < K - k
+            if EVEN_M:
+                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if EVEN_N:
+                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+            else:
+                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -134,10 +147,12 @@ def _split_k_sum_kernel(
     if INDEX_64:
         offs = offs.to(tl.int64)
     mask = offs < numel
+    ws_ptrs = ws_ptr + offs
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     # Fixed order over the splits: the result is deterministic, unlike atomics.
-    for s in range(0, num_splits):
-        acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
+    for _ in range(0, num_splits):
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        ws_ptrs += numel  # advancing the 64-bit pointer: no s·numel product to overflow int32
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
