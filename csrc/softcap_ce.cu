@@ -1,0 +1,309 @@
+// Softcapped cross-entropy, forward and backward in one kernel, one block per
+// row of logits.
+//
+// Pass 1 streams the row once and keeps an online log-sum-exp per thread
+// (base 2: the running max m and the sum s of 2^(z*log2e - m)); when the row
+// fits in shared memory (a 50304-wide bf16 row is 98 KiB, two blocks per SM)
+// it is parked there so that pass 2 does not read device memory again.
+// Pass 2 writes dlogits. With a saved lse (lse_in) pass 1 is skipped.
+//
+// tanh is evaluated as 1 - 2 / (1 + 2^(2u*log2e)): one exp2 and one
+// reciprocal on the special-function unit, absolute error ~1e-7, which
+// tanh.approx (relative 2^-11, i.e. up to 7e-3 on z at softcap 15) is not.
+#include <algorithm>
+#include <cmath>
+
+#include "common.cuh"
+
+namespace kx {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kMaxThreads = 512;
+// Unrolled independent 16-byte loads per thread, to keep enough bytes in
+// flight for a streaming kernel at two blocks per SM.
+constexpr int kUnroll = 4;
+// Rows up to this size (bytes) are kept in shared memory between the passes;
+// two such blocks still fit in one SM's 228 KiB.
+constexpr int kMaxCacheBytes = 110 * 1024;
+
+struct CeParams {
+  const void* logits;
+  std::int64_t ld;
+  const std::int64_t* targets;
+  std::int64_t cols;
+  float softcap;
+  float u_scale;  // logit_scale / softcap: u = logit * u_scale, z = softcap * tanh(u)
+  float logit_scale;
+  std::int64_t ignore_index;
+  float* loss;
+  float* lse_out;
+  const float* lse_in;
+  const float* grad;
+  std::int64_t grad_stride;
+  float grad_mult;
+  void* dl;
+  std::int64_t ld_dl;
+  const float* dl_scale_ptr;
+  float dl_scale;
+  bool vec;    // 16-byte input chunks (and matching output chunks) are aligned
+  bool cache;  // park the row in shared memory between the passes
+};
+
+// tanh(u) for the softcap; returns t, z = softcap * t follows.
+__device__ __forceinline__ float softcap_tanh(float u) {
+  float e = exp2f(u * (2.0f * kLog2e));
+  return 1.0f - __fdividef(2.0f, 1.0f + e);
+}
+
+// Online log-sum-exp update with z2 = z * log2e. A NaN never wins the
+// comparison, so m stays a number and the NaN flows into s.
+__device__ __forceinline__ void lse_push(float& m, float& s, float z2) {
+  if (z2 > m) {
+    s = s * exp2f(m - z2) + 1.0f;
+    m = z2;
+  } else {
+    s += exp2f(z2 - m);
+  }
+}
+
+__device__ __forceinline__ float grad_value(float t, float z, float lse2, bool is_target, float coef) {
+  float p = exp2f(z * kLog2e - lse2);
+  return (p - (is_target ? 1.0f : 0.0f)) * (1.0f - t * t) * coef;
+}
+
+template <typename Tin, typename Tout>
+__global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) {
+  constexpr int VEC = 16 / sizeof(Tin);
+  using InPack = Pack<Tin, VEC>;
+  using OutPack = Pack<Tout, VEC>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float red_m[32];
+  __shared__ float red_s[32];
+  __shared__ float bcast_lse2;
+
+  const std::int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const std::int64_t cols = p.cols;
+  const Tin* in = static_cast<const Tin*>(p.logits) + row * p.ld;
+  Tin* cache = reinterpret_cast<Tin*>(smem_raw);
+  const std::int64_t tgt = p.targets[row];
+  const bool ignored = (tgt == p.ignore_index);
+  const bool tgt_ok = !ignored && tgt >= 0 && tgt < cols;
+  const std::int64_t nchunk = p.vec ? cols / VEC : 0;
+  const std::int64_t tail_start = nchunk * VEC;
+
+  // ---------------------------------------------------------------- pass 1
+  float lse2;  // log2(sum 2^(z*log2e)) = lse * log2e
+  if (p.lse_in != nullptr) {
+    lse2 = p.lse_in[row] * kLog2e;
+  } else {
+    float m = -INFINITY, s = 0.0f;
+    const InPack* in_v = reinterpret_cast<const InPack*>(in);
+    InPack* cache_v = reinterpret_cast<InPack*>(cache);
+    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
+      InPack buf[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) buf[u] = in_v[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) {
+          if (p.cache) cache_v[c] = buf[u];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            float t = softcap_tanh(to_float(buf[u].v[j]) * p.u_scale);
+            lse_push(m, s, p.softcap * t * kLog2e);
+          }
+        }
+      }
+    }
+    for (std::int64_t i = tail_start + tid; i < cols; i += nthreads) {
+      Tin v = in[i];
+      if (p.cache) cache[i] = v;
+      float t = softcap_tanh(to_float(v) * p.u_scale);
+      lse_push(m, s, p.softcap * t * kLog2e);
+    }
+
+    warp_lse(m, s);
+    const int warp = tid >> 5, lane = tid & 31, nwarps = nthreads >> 5;
+    if (lane == 0) {
+      red_m[warp] = m;
+      red_s[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      m = lane < nwarps ? red_m[lane] : -INFINITY;
+      s = lane < nwarps ? red_s[lane] : 0.0f;
+      warp_lse(m, s);
+      if (lane == 0) bcast_lse2 = m + log2f(s);
+    }
+    __syncthreads();  // also publishes the cached row to every thread
+    lse2 = bcast_lse2;
+    if (tid == 0) {
+      float lse = lse2 * kLn2;
+      if (p.lse_out) p.lse_out[row] = lse;
+      if (p.loss) {
+        float loss = 0.0f;
+        if (!ignored) {
+          if (tgt_ok) {
+            float zt = p.softcap * softcap_tanh(to_float(in[tgt]) * p.u_scale);
+            loss = lse - zt;
+          } else {
+            loss = NAN;  // a target outside [0, cols) that is not ignore_index
+          }
+        }
+        p.loss[row] = loss;
+      }
+    }
+  }
+  if (p.dl == nullptr) return;
+
+  // ---------------------------------------------------------------- pass 2
+  Tout* out = static_cast<Tout*>(p.dl) + row * p.ld_dl;
+  float coef = 0.0f;
+  if (!ignored) {
+    float g = (p.grad ? p.grad[row * p.grad_stride] : 1.0f) * p.grad_mult;
+    float scale = p.dl_scale_ptr ? *p.dl_scale_ptr : p.dl_scale;
+    coef = g * p.logit_scale / scale;
+  }
+  // With a saved lse or no cache the row is read again from device memory
+  // (most of it from L2 right after pass 1).
+  const bool from_cache = p.cache && p.lse_in == nullptr;
+  const InPack* src_v = reinterpret_cast<const InPack*>(from_cache ? cache : in);
+  const Tin* src = from_cache ? cache : in;
+  OutPack* out_v = reinterpret_cast<OutPack*>(out);
+  for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
+    InPack buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      std::int64_t c = c0 + std::int64_t(u) * nthreads;
+      if (c < nchunk) buf[u] = src_v[c];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      std::int64_t c = c0 + std::int64_t(u) * nthreads;
+      if (c < nchunk) {
+        OutPack o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          float d = 0.0f;
+          if (!ignored) {
+            float t = softcap_tanh(to_float(buf[u].v[j]) * p.u_scale);
+            d = grad_value(t, p.softcap * t, lse2, tgt_ok && c * VEC + j == tgt, coef);
+          }
+          o.v[j] = from_float<Tout>(d);
+        }
+        out_v[c] = o;
+      }
+    }
+  }
+  for (std::int64_t i = tail_start + tid; i < cols; i += nthreads) {
+    float d = 0.0f;
+    if (!ignored) {
+      float t = softcap_tanh(to_float(src[i]) * p.u_scale);
+      d = grad_value(t, p.softcap * t, lse2, tgt_ok && i == tgt, coef);
+    }
+    out[i] = from_float<Tout>(d);
+  }
+}
+
+template <typename Tin, typename Tout>
+void launch(int device, cudaStream_t stream, CeParams p, std::int64_t rows) {
+  constexpr int VEC = 16 / sizeof(Tin);
+  std::int64_t work = p.vec ? (p.cols + VEC - 1) / VEC : p.cols;
+  int threads = static_cast<int>(std::min<std::int64_t>(kMaxThreads, ((work + 31) / 32) * 32));
+  threads = std::max(threads, 32);
+  std::int64_t cache_bytes = ((p.cols * static_cast<std::int64_t>(sizeof(Tin)) + 15) / 16) * 16;
+  p.cache = p.lse_in == nullptr && p.dl != nullptr && cache_bytes <= kMaxCacheBytes;
+  int smem = p.cache ? static_cast<int>(cache_bytes) : 0;
+  auto kernel = softcap_ce_kernel<Tin, Tout>;
+  if (smem > 48 * 1024) ensure_smem_limit(reinterpret_cast<const void*>(kernel), device, smem);
+  kernel<<<static_cast<unsigned>(rows), threads, smem, stream>>>(p);
+  check_launch("softcap_ce_kernel");
+}
+
+template <typename Tin>
+void dispatch_out(int device, cudaStream_t stream, const CeParams& p, std::int64_t rows, int out_dtype) {
+  switch (out_dtype) {
+    case kFloat32: return launch<Tin, float>(device, stream, p, rows);
+    case kFloat16: return launch<Tin, __half>(device, stream, p, rows);
+    case kBFloat16: return launch<Tin, __nv_bfloat16>(device, stream, p, rows);
+    case kFloat8E4M3: return launch<Tin, e4m3>(device, stream, p, rows);
+    case kFloat8E5M2: return launch<Tin, e5m2>(device, stream, p, rows);
+  }
+  throw std::invalid_argument("softcap_ce: unsupported dlogits dtype code " + std::to_string(out_dtype));
+}
+
+int elem_size(int dtype) {
+  switch (dtype) {
+    case kFloat32: return 4;
+    case kFloat16:
+    case kBFloat16: return 2;
+    case kFloat8E4M3:
+    case kFloat8E5M2: return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+void softcap_ce(int device, ptr_t stream_handle, const SoftcapCEArgs& a) {
+  if (a.rows < 0 || a.cols <= 0) throw std::invalid_argument("softcap_ce: need rows >= 0 and cols > 0");
+  if (a.rows > 0x7fffffffLL) throw std::invalid_argument("softcap_ce: more than 2^31-1 rows");
+  if (a.ld_logits < a.cols) throw std::invalid_argument("softcap_ce: ld_logits < cols");
+  if (a.dlogits && a.ld_dlogits < a.cols) throw std::invalid_argument("softcap_ce: ld_dlogits < cols");
+  if (!(a.softcap > 0.0f)) throw std::invalid_argument("softcap_ce: softcap must be > 0");
+  int in_size = elem_size(a.logits_dtype);
+  if (in_size < 2) throw std::invalid_argument("softcap_ce: logits must be fp32, fp16 or bf16");
+  int out_size = elem_size(a.dlogits_dtype);
+  if (a.dlogits && out_size == 0) throw std::invalid_argument("softcap_ce: unsupported dlogits dtype");
+  prepare_device(device);
+  if (a.rows == 0) return;
+
+  CeParams p{};
+  p.logits = reinterpret_cast<const void*>(a.logits);
+  p.ld = a.ld_logits;
+  p.targets = reinterpret_cast<const std::int64_t*>(a.targets);
+  p.cols = a.cols;
+  p.softcap = a.softcap;
+  p.u_scale = a.logit_scale / a.softcap;
+  p.logit_scale = a.logit_scale;
+  p.ignore_index = a.ignore_index;
+  p.loss = reinterpret_cast<float*>(a.loss);
+  p.lse_out = reinterpret_cast<float*>(a.lse_out);
+  p.lse_in = reinterpret_cast<const float*>(a.lse_in);
+  p.grad = reinterpret_cast<const float*>(a.grad);
+  p.grad_stride = a.grad_stride;
+  p.grad_mult = a.grad_mult;
+  p.dl = reinterpret_cast<void*>(a.dlogits);
+  p.ld_dl = a.ld_dlogits;
+  p.dl_scale_ptr = reinterpret_cast<const float*>(a.dl_scale_ptr);
+  p.dl_scale = a.dl_scale;
+
+  // 16-byte input chunks need 16-byte aligned rows; the matching output chunk
+  // (VEC elements) needs its own alignment.
+  const int vec = 16 / in_size;
+  bool vec_ok = a.logits % 16 == 0 && (a.ld_logits * in_size) % 16 == 0;
+  if (a.dlogits) {
+    std::int64_t out_chunk = static_cast<std::int64_t>(vec) * out_size;
+    vec_ok = vec_ok && a.dlogits % out_chunk == 0 && (a.ld_dlogits * out_size) % out_chunk == 0;
+  }
+  p.vec = vec_ok;
+
+  cudaStream_t stream = as_stream(stream_handle);
+  // Without dlogits the output type is irrelevant; use the smallest instance.
+  int out_dtype = a.dlogits ? a.dlogits_dtype : kBFloat16;
+  switch (a.logits_dtype) {
+    case kFloat32: return dispatch_out<float>(device, stream, p, a.rows, out_dtype);
+    case kFloat16: return dispatch_out<__half>(device, stream, p, a.rows, out_dtype);
+    case kBFloat16: return dispatch_out<__nv_bfloat16>(device, stream, p, a.rows, out_dtype);
+  }
+}
+
+}  // namespace kx
