@@ -32,6 +32,15 @@ def _poison(shape, device, dtype=torch.bfloat16):
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def _padded(t, pad=3):
+    """t as a view into a NaN-filled buffer larger in its last two dims: a read past a mask shows as NaN."""
+    buf = torch.full((*t.shape[:-2], t.shape[-2] + pad, t.shape[-1] + pad), float("nan"), dtype=t.dtype,
+                     device=t.device)
+    view = buf[..., : t.shape[-2], : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
 def _assert_within(out, ref, bound, what):
     """|out - ref| <= bound elementwise, every element written (NaN poison fails)."""
     out64 = out.double()
@@ -73,13 +82,15 @@ GRAM_SHAPES = [(1, 37, 101), (3, 37, 101), (2, 101, 37), (1, 5, 3), (2, 64, 96)]
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("shape", GRAM_SHAPES)
-@pytest.mark.parametrize("transposed", [False, True])
-def test_sym_xxt(tn, triton_device, shape, transposed):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "padded"])
+def test_sym_xxt(tn, triton_device, shape, layout):
     batch, m, k = shape
-    if transposed:  # X given as a strided view, as the tall path does
+    if layout == "transposed":  # X given as a strided view, as the tall path does
         X = _randn((batch, k, m), 1, triton_device, torch.bfloat16).mT
     else:
         X = _randn(shape, 1, triton_device, torch.bfloat16)
+    if layout == "padded":
+        X = _padded(X)
     out = _poison((batch, m, m), triton_device)
     A = tn.sym_xxt(X, out=out)
     assert A.data_ptr() == out.data_ptr() and A.dtype == torch.bfloat16
@@ -107,8 +118,11 @@ def _symmetric(batch, m, seed, device):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("batch,m", [(1, 37), (3, 37), (2, 64), (1, 70)])
-def test_sym_poly(tn, triton_device, batch, m):
+@pytest.mark.parametrize("padded", [False, True])
+def test_sym_poly(tn, triton_device, batch, m, padded):
     A = _symmetric(batch, m, 3, triton_device)
+    if padded:
+        A = _padded(A)
     assert torch.equal(A, A.mT)
     b, c = QUINTIC[1], QUINTIC[2]
     out = _poison((batch, m, m), triton_device)
@@ -125,11 +139,13 @@ AXPY_SHAPES = [(1, 37, 101), (3, 37, 101), (2, 64, 96), (1, 7, 5)]
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("shape", AXPY_SHAPES)
-@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "padded"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_axpy_matmul(tn, triton_device, shape, layout, out_dtype):
     batch, m, n = shape
     S = _symmetric(batch, m, 4, triton_device)
+    if layout == "padded":
+        S = _padded(S)
     if layout == "transposed":  # X and out as transposed views: the tall path's last step
         X = _randn((batch, n, m), 5, triton_device, torch.bfloat16).mT
         out_storage = _poison((batch, n, m), triton_device, out_dtype)
@@ -137,6 +153,8 @@ def test_axpy_matmul(tn, triton_device, shape, layout, out_dtype):
     else:
         X = _randn(shape, 5, triton_device, torch.bfloat16)
         out = _poison(shape, triton_device, out_dtype)
+        if layout == "padded":
+            X = _padded(X)
     a = QUINTIC[0]
     Y = tn.axpy_matmul(S, X, a, out=out)
     assert Y.dtype == out_dtype and Y.data_ptr() == out.data_ptr()
