@@ -31,7 +31,7 @@ ORACLE_ROWS = 4096
 
 def shapes(ctx) -> list[dict]:
     if ctx.smoke:
-        return [{"T": 48, "D": 64, "V": 112}, {"T": 33, "D": 48, "V": 100}]
+        return [{"T": 16, "D": 32, "V": 64}]
     out = [SPEEDRUN, {"T": 8192, "D": 768, "V": 50304}, {"T": 16384, "D": 1024, "V": 50304},
            {"T": 8192, "D": 768, "V": 50257}]
     if ctx.full:

@@ -21,7 +21,7 @@ SPEEDRUN = {"T": 49152, "D": 768, "H": 3072}
 
 def shapes(ctx) -> list[dict]:
     if ctx.smoke:
-        return [{"T": 37, "D": 24, "H": 96}]
+        return [{"T": 19, "D": 24, "H": 40}]
     out = [SPEEDRUN, {"T": 8192, "D": 768, "H": 3072}, {"T": 16384, "D": 1024, "H": 4096},
            {"T": 4099, "D": 768, "H": 3072}]
     if ctx.full:

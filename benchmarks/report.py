@@ -69,7 +69,8 @@ def evaluate_targets(kernels: dict, records: list[dict]) -> list[dict]:
     return rows
 
 
-def _markdown(env: dict, ceilings: dict, kernels: dict, records: list[dict], targets: list[dict]) -> str:
+def _markdown(env: dict, ceilings: dict, kernels: dict, records: list[dict], targets: list[dict],
+              modules: list[dict]) -> str:
     lines = ["# Kernel benchmarks", ""]
     lines.append(f"- device: **{env.get('device')}** (capability {env.get('capability')})")
     lines.append(f"- torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
@@ -81,6 +82,11 @@ def _markdown(env: dict, ceilings: dict, kernels: dict, records: list[dict], tar
               "measured time, against the ceilings measured in this run and the datasheet's. "
               "\"× X\" is X's time / this provider's time (above 1: faster than X). "
               "Peak MiB: extra memory allocated during one call.", ""]
+
+    if modules:
+        lines += ["## Scripts", "", "| script | seconds | status |", "|---|---|---|"]
+        lines += [f"| {m['module']} | {m['seconds']} | {m['note'] or 'ok'} |" for m in modules]
+        lines.append("")
 
     m, s = ceilings.get("measured", {}), ceilings.get("datasheet") or {}
     lines += ["## Device ceilings", "", "| ceiling | measured | datasheet | measured / datasheet |", "|---|---|---|---|"]
@@ -196,17 +202,21 @@ def _finite(obj):
     return obj
 
 
-def write_results(out_dir: Path, env: dict, ceilings: dict, kernels: dict, records: list[dict]) -> list[Path]:
-    """Write results.json, results.md and <kernel>.png into ``out_dir``; returns the paths written."""
+def write_results(out_dir: Path, env: dict, ceilings: dict, kernels: dict, records: list[dict],
+                  modules: list[dict] | None = None) -> list[Path]:
+    """Write results.json, results.md and <kernel>.png into ``out_dir``; returns the paths written.
+
+    ``modules``: run_all's one entry per script (module, rc, seconds, note).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = evaluate_targets(kernels, records)
     records = _finite(records)
     payload = {"schema": SCHEMA_VERSION, "env": env, "ceilings": ceilings, "kernels": kernels,
-               "targets": targets, "records": records}
+               "targets": targets, "modules": modules or [], "records": records}
     paths = [out_dir / "results.json", out_dir / "results.md"]
     paths[0].write_text(json.dumps(_finite(payload), indent=1, allow_nan=False, default=str) + "\n")
-    paths[1].write_text(_markdown(env, ceilings, kernels, records, targets))
+    paths[1].write_text(_markdown(env, ceilings, kernels, records, targets, modules or []))
     for name, info in kernels.items():
         png = out_dir / f"{name}.png"
         if _plot(png, name, info, ceilings, records):
