@@ -1,4 +1,4 @@
-"""Triton backend of relu2_mlp: four tiled GEMMs with fused epilogues.
+"""Triton backend of relu2_mlp: six tiled GEMMs (two forward, four backward) with fused epilogues.
 
 Every GEMM of the block goes through one kernel, C[M, N] = epilogue(A[M, K]·B[K, N]),
 whose operands are addressed through strides so transposes (w_fcᵀ, dyᵀ, dpreᵀ)
