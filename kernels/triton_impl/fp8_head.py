@@ -36,10 +36,13 @@ gradient is known up front.
 
 Numerics follow kernels/fp8_head.py (reference_forward / reference_backward):
   * q = t / scale (IEEE division), finite values saturated to ±448 (e4m3) / ±57344 (e5m2),
-    non-finite -> NaN, round to nearest even. Under the interpreter the fp32->fp8 cast double-
-    rounds and turns NaN into 384, so the kernels round onto the fp8 grid themselves there
-    (EXACT_ROUNDING) and write NaN codes explicitly; on a GPU the hardware cast (cvt.rn.satfinite)
-    rounds to nearest even.
+    non-finite -> NaN, round to nearest even (the hardware cast, cvt.rn.satfinite, on a GPU).
+  * Interpreter workarounds (constexpr INTERPRET, set for CPU tensors; none of it is compiled for
+    a GPU): its fp32->fp8 and fp32->bf16 casts do not round to nearest even (fp8 double-rounds,
+    bf16 truncates), so values are first rounded onto the target grid here; its fp8 decoding
+    turns e4m3fn NaN into 480 (and e5m2 NaN/Inf into finite values), which would make a NaN
+    input vanish in tl.dot, so fp8 operands are decoded to fp32 with the special codes fixed and
+    multiplied in fp32 (exact there), and the e5m2 dlogits stay fp32 values on the e5m2 grid.
   * dynamic scales: amax(|t|)/448, 1.0 unless amax > 0 (so a NaN amax also gives 1.0, as in the
     reference); the dynamic gradient scale is max|row_grad|·logit_scale/57344.
   * dlogits are multiplied by 1/grad_scale instead of divided by grad_scale (one division per
@@ -92,13 +95,29 @@ def _round_to_bf16_grid(x):
 
 
 @triton.jit
+def _fp8_as_f32(t):
+    # Interpreter only: it decodes e4m3fn's NaN as 480 and e5m2's NaN / Inf as large finite values,
+    # so a NaN operand would vanish from the dot. Decode to fp32 with the special codes fixed.
+    code = t.to(tl.uint8, bitcast=True) & 0x7F
+    if t.dtype == tl.float8e4nv:
+        special = code == 0x7F
+        special_value = float("nan")
+    else:
+        special = code >= 0x7C
+        special_value = tl.where(code == 0x7C, float("inf"), float("nan"))
+    value = t.to(tl.float32)
+    magnitude = tl.where(special, special_value, tl.abs(value))
+    return tl.where((t.to(tl.uint8, bitcast=True) & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
 def _saturate_round(q, FP8_MAX: tl.constexpr, MANT_BITS: tl.constexpr, MIN_EXP: tl.constexpr,
-                    EXACT_ROUNDING: tl.constexpr):
+                    INTERPRET: tl.constexpr):
     # The contract's quantisation before the cast: finite values clamped to ±FP8_MAX, anything
     # else NaN (abs(NaN) < inf is False).
     finite = tl.abs(q) < float("inf")
     q = tl.minimum(tl.maximum(q, -FP8_MAX), FP8_MAX)
-    if EXACT_ROUNDING:
+    if INTERPRET:
         q = _round_to_fp8_grid(q, MANT_BITS, MIN_EXP)
     return tl.where(finite, q, float("nan"))
 
@@ -125,7 +144,8 @@ def _grad_scale_value(rg_amax_ptr, grad_scale, logit_scale, DYNAMIC_GS: tl.const
 
 @triton.jit
 def _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                 INTERPRET: tl.constexpr):
     # x_f8[rows, :] · w_f8[cols, :]ᵀ as [BLOCK_T, BLOCK_V] fp32, unscaled. Both operands are read
     # K-major, the layout FP8 wgmma wants.
     offs_k = tl.arange(0, BLOCK_K)
@@ -140,6 +160,9 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stri
             k_mask = offs_k < D - k
             a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        if INTERPRET:
+            a = _fp8_as_f32(a)
+            b = _fp8_as_f32(b)
         acc = tl.dot(a, tl.trans(b), acc)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -148,7 +171,7 @@ def _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stri
 
 @triton.jit
 def _dlogits_e5m2(logits, cols, tgt, lse, rg, valid, softcap, u_scale, logit_scale, inv_gs,
-                  EXACT_ROUNDING: tl.constexpr):
+                  INTERPRET: tl.constexpr):
     # dlogits = row_grad·(softmax(z) - onehot)·logit_scale·(1 - tanh²), quantised: ·(1/grad_scale),
     # saturated and cast to e5m2. `valid` zeroes padding rows and columns.
     t, e = _tanh_parts(logits * u_scale)
@@ -156,18 +179,22 @@ def _dlogits_e5m2(logits, cols, tgt, lse, rg, valid, softcap, u_scale, logit_sca
     dz = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p) * rg[:, None]
     one_plus_e = 1.0 + e
     dl = dz * (logit_scale * (4.0 * e / (one_plus_e * one_plus_e)))
-    q = _saturate_round(dl * inv_gs, 57344.0, 2, -14, EXACT_ROUNDING)
-    return tl.where(valid, q, 0.0).to(tl.float8e5)
+    q = tl.where(valid, _saturate_round(dl * inv_gs, 57344.0, 2, -14, INTERPRET), 0.0)
+    if not INTERPRET:
+        q = q.to(tl.float8e5)
+    return q  # interpreter: fp32 values on the e5m2 grid, so NaN survives the dot
 
 
 @triton.jit
 def _accumulate(acc, a, b_ptr, b_rows, b_row_mask, d_start, D, stride_b,
-                BLOCK_D: tl.constexpr, DOT_FP16: tl.constexpr):
-    # acc += a · b[b_rows, d_start : d_start + BLOCK_D], a an fp8 register tile.
+                BLOCK_D: tl.constexpr, DOT_FP16: tl.constexpr, INTERPRET: tl.constexpr):
+    # acc += a · b[b_rows, d_start : d_start + BLOCK_D], a the e5m2 dlogits tile from _dlogits_e5m2.
     offs_d = d_start + tl.arange(0, BLOCK_D)
     b = tl.load(b_ptr + b_rows.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
                 mask=b_row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
-    if DOT_FP16:
+    if INTERPRET:
+        acc = tl.dot(a, _fp8_as_f32(b), acc)
+    elif DOT_FP16:
         # Both fp8 formats are exact in fp16; for GPUs whose FP8 MMA wants K-major B.
         acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
@@ -214,7 +241,7 @@ def _quantize_e4m3_kernel(
     static_scale,      # used when not DYNAMIC
     numel,
     DYNAMIC: tl.constexpr,
-    EXACT_ROUNDING: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -228,7 +255,7 @@ def _quantize_e4m3_kernel(
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     t = tl.load(src_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = _saturate_round(tl.math.div_rn(t, tl.broadcast_to(scale, (BLOCK,))), 448.0, 3, -6, EXACT_ROUNDING)
+    q = _saturate_round(tl.math.div_rn(t, tl.broadcast_to(scale, (BLOCK,))), 448.0, 3, -6, INTERPRET)
     code = q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
     code = tl.where(q != q, 0x7F, code)  # e4m3fn's NaN; the interpreter's cast gives 384 instead
     tl.store(dst_ptr + offs, code, mask=mask)
@@ -249,6 +276,7 @@ def _fwd_partial_kernel(
     cols_per_split,     # a multiple of BLOCK_V
     softcap, u_scale,   # z = softcap·tanh(u_scale·logits), u_scale = logit_scale/softcap
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -266,7 +294,7 @@ def _fwd_partial_kernel(
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < col_end
         logits = _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K) * scale
+                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, INTERPRET) * scale
         t, _e = _tanh_parts(logits * u_scale)
         z = tl.where(col_mask[None, :], softcap * t, float("-inf"))
         # Online logsumexp. Every tile has a valid column, so m_new is finite unless z is NaN,
@@ -323,7 +351,7 @@ def _bwd_dx_kernel(
     T, V, D,
     stride_x, stride_w, stride_dx,
     softcap, u_scale, logit_scale, grad_scale,
-    DYNAMIC_GS: tl.constexpr, EXACT_ROUNDING: tl.constexpr, DOT_FP16: tl.constexpr,
+    DYNAMIC_GS: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_D: tl.constexpr, NUM_ACC: tl.constexpr,  # this program's dx columns: NUM_ACC chunks of BLOCK_D
     ROUND_BF16: tl.constexpr,  # interpreter with a bf16 output: round to nearest even before the cast
@@ -348,16 +376,18 @@ def _bwd_dx_kernel(
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         logits = _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K) * (x_scale * w_scale)
+                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, INTERPRET) * (x_scale * w_scale)
         dl = _dlogits_e5m2(logits, cols, tgt, lse, rg, row_mask[:, None] & col_mask[None, :],
-                           softcap, u_scale, logit_scale, inv_gs, EXACT_ROUNDING)
-        acc0 = _accumulate(acc0, dl, w_ptr, cols, col_mask, d0, D, stride_w, BLOCK_D, DOT_FP16)
+                           softcap, u_scale, logit_scale, inv_gs, INTERPRET)
+        acc0 = _accumulate(acc0, dl, w_ptr, cols, col_mask, d0, D, stride_w, BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 1:
-            acc1 = _accumulate(acc1, dl, w_ptr, cols, col_mask, d0 + BLOCK_D, D, stride_w, BLOCK_D, DOT_FP16)
+            acc1 = _accumulate(acc1, dl, w_ptr, cols, col_mask, d0 + BLOCK_D, D, stride_w, BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 2:
-            acc2 = _accumulate(acc2, dl, w_ptr, cols, col_mask, d0 + 2 * BLOCK_D, D, stride_w, BLOCK_D, DOT_FP16)
+            acc2 = _accumulate(acc2, dl, w_ptr, cols, col_mask, d0 + 2 * BLOCK_D, D, stride_w,
+                               BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 3:
-            acc3 = _accumulate(acc3, dl, w_ptr, cols, col_mask, d0 + 3 * BLOCK_D, D, stride_w, BLOCK_D, DOT_FP16)
+            acc3 = _accumulate(acc3, dl, w_ptr, cols, col_mask, d0 + 3 * BLOCK_D, D, stride_w,
+                               BLOCK_D, DOT_FP16, INTERPRET)
 
     out_scale = gs * w_scale
     _store_chunk(dx_ptr, acc0 * out_scale, rows, row_mask, d0, D, stride_dx, BLOCK_D, ROUND_BF16)
@@ -378,7 +408,7 @@ def _bwd_dw_kernel(
     T, V, D,
     stride_x, stride_w, stride_dw,
     softcap, u_scale, logit_scale, grad_scale,
-    DYNAMIC_GS: tl.constexpr, EXACT_ROUNDING: tl.constexpr, DOT_FP16: tl.constexpr,
+    DYNAMIC_GS: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_D: tl.constexpr, NUM_ACC: tl.constexpr,  # this program's dw columns: NUM_ACC chunks of BLOCK_D
     ROUND_BF16: tl.constexpr,  # interpreter with a bf16 output: round to nearest even before the cast
@@ -403,17 +433,20 @@ def _bwd_dw_kernel(
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         rg = tl.load(rg_ptr + rows, mask=row_mask, other=0.0)
         logits = _logits_tile(x_ptr, w_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_w,
-                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K) * (x_scale * w_scale)
+                              BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, INTERPRET) * (x_scale * w_scale)
         dl = _dlogits_e5m2(logits, cols, tgt, lse, rg, row_mask[:, None] & col_mask[None, :],
-                           softcap, u_scale, logit_scale, inv_gs, EXACT_ROUNDING)
+                           softcap, u_scale, logit_scale, inv_gs, INTERPRET)
         dl_t = tl.trans(dl)
-        acc0 = _accumulate(acc0, dl_t, x_ptr, rows, row_mask, d0, D, stride_x, BLOCK_D, DOT_FP16)
+        acc0 = _accumulate(acc0, dl_t, x_ptr, rows, row_mask, d0, D, stride_x, BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 1:
-            acc1 = _accumulate(acc1, dl_t, x_ptr, rows, row_mask, d0 + BLOCK_D, D, stride_x, BLOCK_D, DOT_FP16)
+            acc1 = _accumulate(acc1, dl_t, x_ptr, rows, row_mask, d0 + BLOCK_D, D, stride_x,
+                               BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 2:
-            acc2 = _accumulate(acc2, dl_t, x_ptr, rows, row_mask, d0 + 2 * BLOCK_D, D, stride_x, BLOCK_D, DOT_FP16)
+            acc2 = _accumulate(acc2, dl_t, x_ptr, rows, row_mask, d0 + 2 * BLOCK_D, D, stride_x,
+                               BLOCK_D, DOT_FP16, INTERPRET)
         if NUM_ACC > 3:
-            acc3 = _accumulate(acc3, dl_t, x_ptr, rows, row_mask, d0 + 3 * BLOCK_D, D, stride_x, BLOCK_D, DOT_FP16)
+            acc3 = _accumulate(acc3, dl_t, x_ptr, rows, row_mask, d0 + 3 * BLOCK_D, D, stride_x,
+                               BLOCK_D, DOT_FP16, INTERPRET)
 
     out_scale = gs * x_scale
     _store_chunk(dw_ptr, acc0 * out_scale, cols, col_mask, d0, D, stride_dw, BLOCK_D, ROUND_BF16)
@@ -438,6 +471,7 @@ def _fp8_matmul_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ROUND_BF16: tl.constexpr,  # interpreter with a bf16 output: round to nearest even before the cast
+    INTERPRET: tl.constexpr,   # decode the fp8 operands to fp32 (NaN codes fixed) before the dot
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -461,6 +495,9 @@ def _fp8_matmul_kernel(
         k_mask = offs_k < K - k
         a = tl.load(a_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
+        if INTERPRET:
+            a = _fp8_as_f32(a)
+            b = _fp8_as_f32(b)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -480,7 +517,7 @@ def _ce_rows_kernel(
     V, stride_l, stride_dl,
     ignore_index, softcap, u_scale, logit_scale, grad_scale,
     COMPUTE_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, DYNAMIC_GS: tl.constexpr,
-    EXACT_ROUNDING: tl.constexpr, BLOCK_V: tl.constexpr,
+    INTERPRET: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_logits = logits_ptr + row.to(tl.int64) * stride_l
@@ -517,8 +554,8 @@ def _ce_rows_kernel(
             logits = tl.load(row_logits + cols, mask=cols < V, other=0.0).to(tl.float32)
             # as a [1, BLOCK_V] tile, the shape the shared helper works on
             dl = _dlogits_e5m2(logits[None, :], cols, tgt_1, lse_1, rg_1, (cols < V)[None, :],
-                               softcap, u_scale, logit_scale, inv_gs, EXACT_ROUNDING)
-            tl.store(row_dl + cols[None, :], dl, mask=(cols < V)[None, :])
+                               softcap, u_scale, logit_scale, inv_gs, INTERPRET)
+            tl.store(row_dl + cols[None, :], dl.to(dl_ptr.dtype.element_ty), mask=(cols < V)[None, :])
 
 
 # ---------------------------------------------------------------------------
@@ -604,13 +641,13 @@ def _zeros(shape, dtype, device):
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _exact_rounding(device: torch.device) -> bool:
+def _interpret_workarounds(device: torch.device) -> bool:
     # CPU tensors mean the interpreter, whose fp32 -> fp8 / bf16 casts do not round to nearest even.
     return device.type == "cpu"
 
 
 def _round_bf16(out: torch.Tensor) -> bool:
-    return _exact_rounding(out.device) and out.dtype == torch.bfloat16
+    return _interpret_workarounds(out.device) and out.dtype == torch.bfloat16
 
 
 def _launch_kwargs(cfg: dict) -> dict:
@@ -645,7 +682,7 @@ def quantize_operands(x: torch.Tensor, weight: torch.Tensor, x_scale, w_scale, c
         _quantize_e4m3_kernel[grid](
             t, out.view(torch.uint8), amax[i:], used_scales[i:],
             1.0 if scale is None else float(scale), t.numel(),
-            DYNAMIC=scale is None, EXACT_ROUNDING=_exact_rounding(t.device),
+            DYNAMIC=scale is None, INTERPRET=_interpret_workarounds(t.device),
             BLOCK=block, num_warps=config["quantize"]["num_warps"],
         )
         outs.append(out)
@@ -679,7 +716,7 @@ def _fused_lse_loss(x_f8, w_f8, targets, used_scales, softcap, logit_scale, igno
         tiles_per_split * block_v,
         softcap, logit_scale / softcap,
         BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=cfg["BLOCK_K"], EVEN_K=D % cfg["BLOCK_K"] == 0,
-        **_launch_kwargs(cfg),
+        INTERPRET=_interpret_workarounds(x_f8.device), **_launch_kwargs(cfg),
     )
     lse = _alloc((T,), torch.float32, x_f8.device)
     row_loss = _alloc((T,), torch.float32, x_f8.device)
@@ -718,7 +755,7 @@ def _fused_backward(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap, lo
             T, V, D,
             x_f8.stride(0), w_f8.stride(0), out.stride(0),
             softcap, logit_scale / softcap, logit_scale, gs_static,
-            DYNAMIC_GS=dynamic_gs, EXACT_ROUNDING=_exact_rounding(device), DOT_FP16=cfg["DOT_FP16"],
+            DYNAMIC_GS=dynamic_gs, INTERPRET=_interpret_workarounds(device), DOT_FP16=cfg["DOT_FP16"],
             BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
             EVEN_K=D % cfg["BLOCK_K"] == 0, BLOCK_D=cfg["BLOCK_D"], NUM_ACC=cfg["NUM_ACC"],
             ROUND_BF16=_round_bf16(out),
@@ -753,7 +790,7 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b:
         a, b, c, scale_a, scale_b, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-        ROUND_BF16=_round_bf16(c), **_launch_kwargs(cfg),
+        ROUND_BF16=_round_bf16(c), INTERPRET=_interpret_workarounds(a.device), **_launch_kwargs(cfg),
     )
     return c
 
@@ -782,7 +819,7 @@ def _ce_rows(logits, targets, softcap, logit_scale, ignore_index, config, *, lse
         V, logits.stride(0), dl.stride(0) if write_grad else 0,
         ignore_index, softcap, logit_scale / softcap, logit_scale, gs_static,
         COMPUTE_LSE=compute_lse, WRITE_GRAD=write_grad, DYNAMIC_GS=dynamic_gs,
-        EXACT_ROUNDING=_exact_rounding(device), BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
+        INTERPRET=_interpret_workarounds(device), BLOCK_V=cfg["BLOCK_V"], num_warps=cfg["num_warps"],
     )
     return row_loss, lse, dl, gs
 
