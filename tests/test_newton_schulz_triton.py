@@ -247,6 +247,43 @@ def test_muon_on_triton_backend(triton_device):
     assert float((d_t - d_r).norm() / d_r.norm()) < 0.05
 
 
+@pytest.mark.interpret
+def test_batch_chunking(tn, triton_device, monkeypatch):
+    # Batches past CUDA's grid-y cap (65535) are launched in chunks; a cap of 2 exercises it at batch 5.
+    monkeypatch.setattr(tn, "_MAX_GRID_BATCH", 2)
+    G = _randn((5, 19, 30), 13, triton_device)
+    X = tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, _poison(G.shape, triton_device, torch.float32))
+    truth = _f64_iteration(G.cpu(), [QUINTIC] * 2).to(triton_device)
+    assert _rel_err(X, truth) <= 2 * _rel_err(_bf16_reference(G, [QUINTIC] * 2), truth) + 1e-4
+    for i in range(5):  # every chunk written, including the short last one
+        assert _rel_err(X[i], truth[i]) < 0.05
+
+
+@pytest.mark.interpret
+def test_tuner_picks_fastest_and_stays_correct(tn, triton_device, monkeypatch):
+    # Fake timings (one per candidate, in order): gram -> candidate 1, poly -> 3, axpy -> 4 (index 2 out of resources).
+    timings = iter([3.0, 1.0, 2.0, 5.0, 4.0] + [3.0, 5.0, 2.0, 1.0, 4.0] + [3.0, 5.0, None, 4.0, 1.0])
+
+    def fake_bench(fn):
+        ms = next(timings)
+        if ms is None:
+            raise tn.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        fn()
+        return ms
+
+    monkeypatch.setattr(tn, "_tuning_enabled", lambda device: True)
+    monkeypatch.setattr(tn, "_bench", fake_bench)
+    monkeypatch.setattr(tn, "_TUNED", {})
+    G = _randn((2, 37, 70), 14, triton_device)
+    X = tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, _poison(G.shape, triton_device, torch.float32))
+    (gram, poly, axpy), = tn.tuned_configs().values()
+    assert gram == tn.GRAM_CANDIDATES[1] and poly == tn.GRAM_CANDIDATES[3] and axpy == tn.AXPY_CANDIDATES[4]
+    truth = _f64_iteration(G.cpu(), [QUINTIC] * 2).to(triton_device)
+    assert _rel_err(X, truth) <= 2 * _rel_err(_bf16_reference(G, [QUINTIC] * 2), truth) + 1e-4
+    tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, torch.empty_like(G))  # cached: no more timings consumed
+    assert next(timings, "done") == "done"
+
+
 # ---------------------------------------------------------------------------
 # tier 1: argument checks (no kernel runs)
 # ---------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+import triton.runtime.errors
+import triton.testing
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -256,6 +258,73 @@ def axpy_config(batch: int, m: int, n: int, device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
+# Opt-in per-shape tuning ($KERNELS_NS_AUTOTUNE=1, CUDA only): the first call for a
+# (batch, m, n, layout, device) times these candidates on its own inputs and keeps
+# the fastest of each kernel for the rest of the process. Not inside CUDA-graph
+# capture: tune with one eager call first. Off, the table above is used.
+AUTOTUNE_ENV = "KERNELS_NS_AUTOTUNE"
+GRAM_CANDIDATES = (
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4),
+    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=5),
+    dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK=64, BLOCK_K=128, num_warps=4, num_stages=3),
+)
+AXPY_CANDIDATES = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+)
+_TUNED: dict[tuple, tuple[dict, dict, dict]] = {}
+
+
+def tuned_configs() -> dict:
+    """{(batch, m, n, x strides, device): (gram, poly, axpy) configs} chosen so far by the tuner."""
+    return dict(_TUNED)
+
+
+def _tuning_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get(AUTOTUNE_ENV) == "1"
+
+
+def _bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _fastest(candidates, launch) -> dict:
+    best, best_ms = None, float("inf")
+    for config in candidates:
+        try:
+            ms = _bench(lambda: launch(config))
+        except triton.runtime.errors.OutOfResources:
+            continue  # too much shared memory / registers on this GPU
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError("newton_schulz tuning: no candidate config fits this GPU")
+    return best
+
+
+def _step_configs(x, A, S, scratch) -> tuple[dict, dict, dict]:
+    # Configs for one step on x [B, m, n]; A, S, scratch are outputs the step overwrites anyway.
+    batch, m, n = x.shape
+    device = x.device
+    if not _tuning_enabled(device):
+        return gram_config(batch, m, n, device), gram_config(batch, m, m, device), axpy_config(batch, m, n, device)
+    key = (batch, m, n, tuple(x.stride()), str(device))
+    if key not in _TUNED:
+        # In launch order, so each kernel is timed on the data the previous one wrote.
+        gram = _fastest(GRAM_CANDIDATES, lambda cfg: _launch_gram(x, (x.stride(2), x.stride(1)), A, cfg))
+        _launch_gram(x, (x.stride(2), x.stride(1)), A, gram)
+        poly = _fastest(GRAM_CANDIDATES, lambda cfg: _launch_gram(A, (A.stride(1), A.stride(2)), S, cfg, Q=A))
+        _launch_gram(A, (A.stride(1), A.stride(2)), S, poly, Q=A)
+        axpy = _fastest(AXPY_CANDIDATES, lambda cfg: _launch_axpy(S, x, scratch, 1.0, cfg))
+        _TUNED[key] = (gram, poly, axpy)
+    return _TUNED[key]
+
+
 def _check_config(name: str, config: dict, required: tuple[str, ...]) -> dict:
     if not isinstance(config, dict):
         raise TypeError(f"{name}: expected a dict, got {type(config).__name__}")
@@ -274,9 +343,18 @@ def _check_config(name: str, config: dict, required: tuple[str, ...]) -> dict:
 # Launchers
 # ---------------------------------------------------------------------------
 
+# The batch is grid dim 1, which CUDA caps at 65535.
+_MAX_GRID_BATCH = 65535
+
+
 def _launch_gram(P, R_strides, out, config, Q=None, alpha=1.0, beta=0.0):
     # P [B, m, k] (any strides); R_strides = (stride along k, stride along j) of the right operand in P.
     batch, m, k = P.shape
+    if batch > _MAX_GRID_BATCH:
+        for s in range(0, batch, _MAX_GRID_BATCH):
+            e = min(batch, s + _MAX_GRID_BATCH)
+            _launch_gram(P[s:e], R_strides, out[s:e], config, None if Q is None else Q[s:e], alpha, beta)
+        return out
     block, block_k = config["BLOCK"], config["BLOCK_K"]
     grid = (_tri(triton.cdiv(m, block)), batch)
     q = Q if Q is not None else out  # unread when HAS_ADD is False
@@ -296,6 +374,11 @@ def _launch_gram(P, R_strides, out, config, Q=None, alpha=1.0, beta=0.0):
 
 def _launch_axpy(S, X, out, alpha, config):
     batch, m, n = X.shape
+    if batch > _MAX_GRID_BATCH:
+        for s in range(0, batch, _MAX_GRID_BATCH):
+            e = min(batch, s + _MAX_GRID_BATCH)
+            _launch_axpy(S[s:e], X[s:e], out[s:e], alpha, config)
+        return out
     bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), batch)
     _axpy_matmul_kernel[grid](
@@ -451,12 +534,9 @@ def _iterate(G, coefficients, norm_scale, eps, out):
     m, n = x.shape[1], x.shape[2]
     A = torch.empty((batch, m, m), dtype=torch.bfloat16, device=G.device)
     S = torch.empty_like(A)
-    gram_cfg = gram_config(batch, m, n, G.device)
-    poly_cfg = gram_config(batch, m, m, G.device)
-    axpy_cfg = axpy_config(batch, m, n, G.device)
-
     last = len(coefficients) - 1
     with torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext():
+        gram_cfg, poly_cfg, axpy_cfg = _step_configs(x, A, S, x_next)
         for step, (a, b, c) in enumerate(coefficients):
             _launch_gram(x, (x.stride(2), x.stride(1)), A, gram_cfg)
             _launch_gram(A, (A.stride(1), A.stride(2)), S, poly_cfg, Q=A, alpha=c, beta=b)
