@@ -1,0 +1,608 @@
+"""The CUDA extension kernels._C and the "cuda" backend.
+
+tier 0 (unmarked, CPU): the install built and imports the extension (when nvcc exists), it
+    needs no CUDA runtime library, a call without a GPU raises a clear "no CUDA device" error,
+    bad arguments raise ValueError, the build never fails the install (no nvcc, a failing
+    build, disabled), and extension_status() explains each outcome.
+tier 2 (gpu): each kernel against float64 math or the op's own quantiser, on fresh random
+    inputs, odd sizes, every dtype path, padded row strides and misaligned (scalar) paths,
+    with outputs allocated as NaN poison; then the three ops through the public API.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+import kernels.cuda_impl as cuda_impl
+from kernels.cuda_impl import extension_status, ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_GPU = torch.cuda.is_available()
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _nvcc_on_this_machine() -> bool:
+    if os.environ.get("KERNELS_NO_CUDA_EXT") == "1":
+        return False
+    explicit = os.environ.get("KERNELS_NVCC")
+    if explicit is not None:
+        return os.path.isfile(explicit)
+    homes = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")]
+    return (shutil.which("nvcc") is not None or os.path.isfile("/usr/local/cuda/bin/nvcc")
+            or any(h and os.path.isfile(os.path.join(h, "bin", "nvcc")) for h in homes))
+
+
+def _ext():
+    ok, reason = extension_status()
+    if not ok:
+        pytest.skip(reason)
+    return cuda_impl.extension()
+
+
+# ===========================================================================
+# tier 0: build, import, errors without a GPU
+# ===========================================================================
+
+def test_install_built_the_extension_when_nvcc_exists():
+    record = cuda_impl.build_record()
+    if record is None:
+        pytest.skip("no build record: the package was not installed through setup.py")
+    if not _nvcc_on_this_machine():
+        assert record["status"] in ("nvcc_missing", "disabled"), record
+        return
+    assert record["status"] == "built", f"nvcc is here but the extension did not build: {record}"
+    ok, reason = extension_status()
+    assert ok, reason
+
+
+def test_extension_imports_and_links_cudart_statically():
+    _C = _ext()
+    assert isinstance(_C.runtime_info(), str) and "cudart" in _C.runtime_info()
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf is not installed")
+    dynamic = subprocess.run([readelf, "-d", _C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert needed and not any("libcudart" in line or "libcuda." in line for line in needed), needed
+
+
+_FAKE = 1 << 20  # a plausible, 16-byte aligned address; never dereferenced without a device
+
+_CALLS = {
+    "softcap_ce": lambda C: C.softcap_ce(device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_BFLOAT16,
+                                         ld_logits=64, targets=_FAKE, rows=4, cols=64, softcap=15.0,
+                                         logit_scale=1.0, ignore_index=-100, loss=_FAKE),
+    "fp8_amax": lambda C: C.fp8_amax(device=0, stream=0, x=_FAKE, dtype=C.DTYPE_FLOAT32, n=8, amax=_FAKE),
+    "fp8_cast": lambda C: C.fp8_cast(device=0, stream=0, x=_FAKE, x_dtype=C.DTYPE_BFLOAT16, rows=4, cols=8,
+                                     ld_x=8, out=_FAKE, ld_out=8),
+    "relu2_forward": lambda C: C.relu2_forward(device=0, stream=0, pre=_FAKE, dtype=C.DTYPE_BFLOAT16, n=8,
+                                               out=_FAKE),
+    "relu2_backward": lambda C: C.relu2_backward(device=0, stream=0, dpost=_FAKE, post=_FAKE,
+                                                 dtype=C.DTYPE_BFLOAT16, n=8, out=_FAKE),
+    "sym_xxt": lambda C: C.sym_xxt(device=0, stream=0, x=_FAKE, batch=1, m=8, k=8, sbx=64, ldx=8, out=_FAKE,
+                                   out_dtype=C.DTYPE_BFLOAT16, sbo=64, ldo=8),
+}
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the behaviour without a GPU")
+@pytest.mark.parametrize("kernel", sorted(_CALLS))
+def test_call_without_a_gpu_raises_a_clear_error(kernel):
+    _C = _ext()
+    assert _C.device_count() == 0
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _CALLS[kernel](_C)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda C: C.sym_xxt(device=0, stream=0, x=_FAKE, batch=1, m=8, k=13, sbx=104, ldx=13, out=_FAKE,
+                         out_dtype=C.DTYPE_BFLOAT16, sbo=64, ldo=8), "16-byte aligned"),
+    (lambda C: C.sym_xxt(device=0, stream=0, x=_FAKE, batch=1, m=8, k=8, sbx=64, ldx=8, out=_FAKE,
+                         out_dtype=C.DTYPE_FLOAT8_E4M3, sbo=64, ldo=8), "out_dtype"),
+    (lambda C: C.softcap_ce(device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_BFLOAT16, ld_logits=64,
+                            targets=_FAKE, rows=4, cols=64, softcap=0.0, logit_scale=1.0, ignore_index=-100),
+     "softcap"),
+    (lambda C: C.softcap_ce(device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_FLOAT8_E4M3, ld_logits=64,
+                            targets=_FAKE, rows=4, cols=64, softcap=15.0, logit_scale=1.0, ignore_index=-100),
+     "logits"),
+    (lambda C: C.softcap_ce(device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_BFLOAT16, ld_logits=32,
+                            targets=_FAKE, rows=4, cols=64, softcap=15.0, logit_scale=1.0, ignore_index=-100),
+     "ld_logits"),
+    (lambda C: C.fp8_cast(device=0, stream=0, x=_FAKE, x_dtype=C.DTYPE_BFLOAT16, rows=4, cols=8, ld_x=8,
+                          out=_FAKE, ld_out=8, out_dtype=C.DTYPE_BFLOAT16), "out_dtype"),
+    (lambda C: C.fp8_amax(device=0, stream=0, x=_FAKE, dtype=C.DTYPE_FLOAT8_E5M2, n=8, amax=_FAKE), "x must be"),
+    (lambda C: C.relu2_forward(device=0, stream=0, pre=_FAKE, dtype=C.DTYPE_FLOAT8_E4M3, n=8, out=_FAKE),
+     "dtype"),
+])
+def test_bad_arguments_raise_value_error_before_touching_a_device(call, pattern):
+    _C = _ext()
+    with pytest.raises(ValueError, match=pattern):
+        call(_C)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: ops.sym_xxt(torch.zeros(4, 8, dtype=torch.bfloat16)), ValueError, "x: the CUDA kernels need a CUDA"),
+    (lambda: ops.fp8_cast(torch.zeros(4, 8)), ValueError, "x: the CUDA kernels need a CUDA"),
+    (lambda: ops.relu2_forward(torch.zeros(4, 8)), ValueError, "pre: the CUDA kernels need a CUDA"),
+    (lambda: ops.softcap_ce_forward(torch.zeros(4, 8), torch.zeros(4, dtype=torch.long), 15.0, 1.0),
+     ValueError, "logits: the CUDA kernels need a CUDA"),
+    (lambda: ops.sym_xxt([1, 2]), TypeError, "x: expected a torch.Tensor"),
+])
+def test_wrappers_reject_what_the_kernels_cannot_take(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("record, imported, expect_ok, pattern", [
+    ({"status": "nvcc_missing", "message": "nvcc was not found at install time (looked in PATH)"}, False, False,
+     r"^CUDA extension not built: nvcc was not found at install time"),
+    ({"status": "failed", "message": "the nvcc build failed at install time: nvcc failed on x.cu"}, False, False,
+     r"^CUDA extension not built: the nvcc build failed"),
+    ({"status": "disabled", "message": "KERNELS_NO_CUDA_EXT=1 was set at install time"}, False, False,
+     "KERNELS_NO_CUDA_EXT"),
+    ({"status": "built", "message": "built with nvcc 13.0"}, False, False, "was built but does not import"),
+    (None, False, False, "no build record"),
+    ({"status": "built", "message": "built with nvcc 13.0 for sm_90a"}, True, True, "built with nvcc 13.0 for sm_90a"),
+])
+def test_extension_status_explains_each_build_outcome(monkeypatch, record, imported, expect_ok, pattern):
+    class FakeExt:
+        @staticmethod
+        def runtime_info():
+            return "cudart (fake)"
+
+    monkeypatch.setattr(cuda_impl, "build_record", lambda: record)
+    monkeypatch.setattr(cuda_impl, "_C", FakeExt if imported else None)
+    monkeypatch.setattr(cuda_impl, "_IMPORT_ERROR", None if imported else ImportError("no module kernels._C"))
+    ok, reason = extension_status()
+    assert ok is expect_ok
+    assert __import__("re").search(pattern, reason), reason
+    if not expect_ok:
+        # The dispatch passes the reason on when "cuda" is asked for.
+        from kernels.backend import why_unavailable
+        assert why_unavailable("cuda", torch.device("cuda")) == reason
+        with pytest.raises(RuntimeError, match=pattern.lstrip("^")):
+            cuda_impl.extension()
+
+
+def _run_setup(tmp_path, **env):
+    if not os.path.isfile(os.path.join(ROOT, "setup.py")):
+        pytest.skip("no setup.py next to the tests (installed copy)")
+    pytest.importorskip("pybind11", reason="setup.py builds the extension with pybind11")
+    full_env = {k: v for k, v in os.environ.items() if k not in ("KERNELS_NVCC", "KERNELS_CUDA_ARCH",
+                                                                "KERNELS_NO_CUDA_EXT")}
+    full_env.update(env)
+    lib, tmp = tmp_path / "lib", tmp_path / "tmp"
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(lib), "--build-temp",
+                           str(tmp)], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(lib / "kernels" / "_cuda_build.json") as f:
+        return json.load(f), proc.stderr
+
+
+@pytest.mark.parametrize("env, status, pattern", [
+    ({"KERNELS_NVCC": "/nonexistent/nvcc"}, "nvcc_missing", "nvcc was not found at install time"),
+    ({"KERNELS_NO_CUDA_EXT": "1"}, "disabled", "KERNELS_NO_CUDA_EXT=1"),
+    ({"KERNELS_CUDA_ARCH": "sm_bogus"}, "failed", "KERNELS_CUDA_ARCH: cannot read target 'sm_bogus'"),
+])
+def test_the_build_never_fails_the_install(tmp_path, env, status, pattern):
+    if status == "failed" and not _nvcc_on_this_machine():
+        pytest.skip("a failing build needs an nvcc to fail with")
+    record, log = _run_setup(tmp_path, **env)
+    assert record["status"] == status and pattern in record["message"], record
+    assert "not building the CUDA extension" in log or "building the CUDA extension failed" in log, log
+    assert not list((tmp_path / "lib" / "kernels").glob("_C*.so"))
+
+
+# ===========================================================================
+# tier 2 helpers
+# ===========================================================================
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every output the wrappers allocate starts as NaN (float8: the NaN byte 0x7F)."""
+    def alloc(shape, dtype, device):
+        if dtype in (E4M3, E5M2):
+            return torch.full(shape, 0x7F, dtype=torch.uint8, device=device).view(dtype)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(ops, "_alloc", alloc)
+
+
+@pytest.fixture
+def gpu():
+    _ext()
+    return torch.device("cuda")
+
+
+def _gen(seed):
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def _padded_view(t, extra_cols):
+    """t as a view with row stride t.size(1) + extra_cols into a NaN-filled buffer."""
+    buf = torch.full((t.size(0), t.size(1) + extra_cols), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[:, :t.size(1)]
+    view.copy_(t)
+    return view
+
+
+def _misaligned_view(t):
+    """t as a view whose rows start 2 elements into a buffer: no 16-byte vector path."""
+    buf = torch.full((t.size(0), t.size(1) + 2), float("nan"), dtype=t.dtype, device=t.device)
+    view = buf[:, 2:]
+    view.copy_(t)
+    return view
+
+
+def _ce_float64(logits, targets, softcap, logit_scale, ignore_index, grad=None):
+    """(loss, lse, dlogits) in float64; grad is d(total)/d(row_loss) per row (default 1)."""
+    t = torch.tanh(logits.double() * (logit_scale / softcap))
+    z = softcap * t
+    lse = torch.logsumexp(z, dim=1)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    loss = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0)
+    p = torch.exp(z - lse[:, None])
+    p[torch.arange(len(safe), device=p.device), safe] -= 1.0
+    g = torch.ones_like(lse) if grad is None else grad.double().expand_as(lse)
+    g = torch.where(valid, g, 0.0)
+    dl = p * g[:, None] * logit_scale * (1 - t * t)
+    return loss, lse, dl
+
+
+def _ce_inputs(R, V, dtype, seed, ignore_some=True):
+    g = _gen(seed)
+    # Spread so that the softcap saturates for some logits (|logit·scale| > 15).
+    logits = (torch.randn(R, V, generator=g, device="cuda") * 40).to(dtype)
+    targets = torch.randint(0, V, (R,), generator=g, device="cuda")
+    if ignore_some and R > 2:
+        targets[1] = -100
+        targets[-1] = -100
+    return logits, targets
+
+
+_FP8_REL = {E4M3: 2.0**-3, E5M2: 2.0**-2}    # one unit in the last place, relative
+_FP8_TINY = {E4M3: 2.0**-9, E5M2: 2.0**-16}  # smallest subnormal
+
+
+def _assert_fp8_close(name, got, want_scaled, dtype):
+    """Dequantised float8 within one unit in the last place of the exact value (a rounding boundary may flip)."""
+    raw = got.view(torch.uint8)
+    assert not ((raw & 0x7F) == 0x7F).any(), f"{name}: NaN bytes (unwritten or non-finite)"
+    got64 = got.double()
+    want = want_scaled.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    err = (got64 - want).abs()
+    bound = _FP8_REL[dtype] * want.abs() + _FP8_TINY[dtype]
+    worst = float((err / bound).max())
+    assert worst <= 1.0, f"{name}: max error {float(err.max()):.3g} is {worst:.2f}x the one-ulp bound"
+
+
+def _assert_close(name, got, want, rtol, atol):
+    assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite elements"
+    err = (got.double() - want).abs()
+    bound = rtol * want.abs() + atol
+    worst = float((err / bound).max())
+    assert worst <= 1.0, f"{name}: max error {float(err.max()):.3g} is {worst:.2f}x the bound"
+
+
+# ===========================================================================
+# tier 2: softcapped cross-entropy
+# ===========================================================================
+
+# (R, V): odd sizes; 60001 bf16 columns (117 KiB) overflow the shared-memory row cache.
+_CE_SHAPES = [(1, 7), (37, 1000), (5, 4099), (3, 50304), (2, 60001)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R, V", _CE_SHAPES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "misaligned"])
+def test_ce_forward_matches_float64(gpu, poisoned, R, V, dtype, layout):
+    logits, targets = _ce_inputs(R, V, dtype, seed=R * 7 + V)
+    view = {"contiguous": lambda t: t, "padded": lambda t: _padded_view(t, 5), "misaligned": _misaligned_view}[layout]
+    loss, lse, dl = ops.softcap_ce_forward(view(logits), targets, 15.0, 1 / math.sqrt(768))
+    assert dl is None
+    want_loss, want_lse, _ = _ce_float64(logits, targets, 15.0, 1 / math.sqrt(768), -100)
+    _assert_close("lse", lse, want_lse, 1e-5, 1e-4)
+    _assert_close("loss", loss, want_loss, 1e-5, 1e-4)
+    assert (loss[targets == -100] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R, V", _CE_SHAPES)
+@pytest.mark.parametrize("in_dtype", FLOATS)
+@pytest.mark.parametrize("out_dtype", FLOATS + (E4M3, E5M2))
+def test_ce_fused_forward_backward_matches_float64(gpu, poisoned, R, V, in_dtype, out_dtype):
+    logits, targets = _ce_inputs(R, V, in_dtype, seed=R + V)
+    grad = torch.rand(R, generator=_gen(R), device="cuda") + 0.5
+    fp8 = out_dtype in (E4M3, E5M2)
+    # fp8 needs a scale that puts the gradient in range: |dlogits| <= |grad| * logit_scale.
+    scale = (float(grad.max()) * 0.5 / torch.finfo(out_dtype).max) if fp8 else 1.0
+    loss, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 0.5, grad=grad, dlogits_dtype=out_dtype,
+                                           dl_scale=scale)
+    want_loss, want_lse, want_dl = _ce_float64(logits, targets, 15.0, 0.5, -100, grad)
+    _assert_close("loss", loss, want_loss, 1e-5, 1e-4)
+    _assert_close("lse", lse, want_lse, 1e-5, 1e-4)
+    assert dl.shape == (R, V) and dl.dtype == out_dtype
+    if fp8:
+        _assert_fp8_close("dlogits", dl, want_dl / scale, out_dtype)
+    else:
+        rtol = {torch.float32: 1e-4, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
+        _assert_close("dlogits", dl, want_dl, rtol, 1e-6 * float(want_dl.abs().max()))
+    ignored = targets == -100
+    assert (dl[ignored].float() == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad_kind", ["none", "float", "scalar_tensor", "rows_strided"])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_ce_backward_from_saved_lse(gpu, poisoned, grad_kind, scale_kind):
+    R, V = 29, 3001
+    logits, targets = _ce_inputs(R, V, torch.bfloat16, seed=11)
+    _, lse, _ = ops.softcap_ce_forward(logits, targets, 15.0, 0.25)
+    grad = {"none": None, "float": 0.75, "scalar_tensor": torch.tensor(0.75, device="cuda"),
+            "rows_strided": (torch.rand(2 * R, generator=_gen(3), device="cuda") + 0.5)[::2]}[grad_kind]
+    scale = 2.0**-5 if scale_kind == "float" else torch.full((1,), 2.0**-5, device="cuda")
+    out = _padded_view(torch.zeros(R, V, device="cuda"), 3)  # row-padded destination
+    dl = ops.softcap_ce_backward(logits, targets, lse, 15.0, 0.25, grad=grad, dlogits_dtype=torch.float32,
+                                 dl_scale=scale, out=out)
+    assert dl.data_ptr() == out.data_ptr()
+    g = (None if grad is None else torch.as_tensor(grad, device="cuda", dtype=torch.float32))
+    _, _, want = _ce_float64(logits, targets, 15.0, 0.25, -100, g)
+    _assert_close("dlogits", dl, want / 2.0**-5, 1e-4, 1e-6 * float(want.abs().max()) / 2.0**-5)
+    assert torch.isnan(out.as_strided((R, 3), (V + 3, 1), V)).all(), "wrote past the row into the padding"
+
+
+@pytest.mark.gpu
+def test_ce_non_finite_logits_poison_only_their_row(gpu):
+    logits, targets = _ce_inputs(6, 333, torch.bfloat16, seed=5, ignore_some=False)
+    logits[2, 17] = float("nan")
+    logits[4, 3] = float("inf")  # tanh saturates: inf is a finite z = softcap
+    loss, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 1.0, dlogits_dtype=torch.bfloat16)
+    assert torch.isnan(loss[2]) and torch.isnan(lse[2]) and torch.isnan(dl[2].float()).all()
+    keep = torch.tensor([0, 1, 3, 4, 5], device="cuda")
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(dl[keep].float()).all()
+
+
+# ===========================================================================
+# tier 2: float8 quantisation
+# ===========================================================================
+
+def _quantize_ref(t, scale, dtype):
+    from kernels.fp8_head import quantize
+    return quantize(t, scale, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 7, 4099, 1 << 20])
+def test_amax_matches_torch_and_propagates_nan(gpu, dtype, n):
+    x = (torch.randn(n, generator=_gen(n), device="cuda") * 3).to(dtype)
+    assert ops.fp8_amax(x).item() == x.abs().amax().float().item()
+    assert ops.fp8_amax(torch.zeros(n, dtype=dtype, device="cuda")).item() == 0.0
+    x[n // 2] = float("nan")
+    assert math.isnan(ops.fp8_amax(x).item())
+
+
+def _cast_input(rows, cols, dtype, seed, specials=True):
+    """Random values; with specials also saturating ones, a NaN and an inf (which make amax non-finite)."""
+    t = torch.randn(rows, cols, generator=_gen(seed), device="cuda") * 100
+    if specials:
+        t[0, 0] = 1e6
+        t[-1, -1] = -1e6
+        if rows * cols > 4:
+            t[rows // 2, cols // 2] = float("nan")
+            t.view(-1)[1] = float("inf")
+    if dtype in (E4M3, E5M2):
+        return _quantize_ref(t, torch.tensor(1.0, device="cuda"), dtype)
+    return t.to(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_dtype", FLOATS + (E4M3, E5M2))
+@pytest.mark.parametrize("out_dtype", [E4M3, E5M2])
+@pytest.mark.parametrize("rows, cols", [(1, 1), (3, 5), (64, 64), (65, 130), (257, 1000), (1024, 768)])
+@pytest.mark.parametrize("scale_kind", ["dynamic", "float", "tensor"])
+def test_cast_and_transposed_cast_match_the_op_quantiser(gpu, poisoned, in_dtype, out_dtype, rows, cols,
+                                                         scale_kind):
+    if scale_kind == "dynamic" and in_dtype in (E4M3, E5M2):
+        pytest.skip("dynamic scales take fp32 / fp16 / bf16 inputs")
+    x = _cast_input(rows, cols, in_dtype, seed=rows * cols, specials=scale_kind != "dynamic")
+    if scale_kind == "dynamic":
+        from kernels.fp8_head import amax_scale
+        want_scale = amax_scale(x.float(), torch.finfo(out_dtype).max)
+        scale = None
+    else:
+        want_scale = torch.tensor(0.37, device="cuda")
+        scale = 0.37 if scale_kind == "float" else want_scale.clone()
+    want = _quantize_ref(x.float(), want_scale, out_dtype).view(torch.uint8)
+    q, q_t, used = ops.fp8_cast(x, out_dtype, scale, transpose=True)
+    assert q.dtype == q_t.dtype == out_dtype and q_t.shape == (cols, rows)
+    assert used.item() == want_scale.item()
+    assert torch.equal(q.view(torch.uint8), want), "cast differs from kernels.fp8_head.quantize"
+    assert torch.equal(q_t.view(torch.uint8), want.T), "transposed cast differs"
+    # Flat path (no transpose), and a row-padded source through the tiled path.
+    q_flat, none, _ = ops.fp8_cast(x, out_dtype, scale)
+    assert none is None and torch.equal(q_flat.view(torch.uint8), want)
+    if in_dtype not in (E4M3, E5M2):
+        q_pad, _, _ = ops.fp8_cast(_misaligned_view(x), out_dtype, scale)
+        assert torch.equal(q_pad.view(torch.uint8), want)
+
+
+@pytest.mark.gpu
+def test_transposed_cast_into_padded_destination(gpu):
+    x = _cast_input(50, 70, torch.bfloat16, seed=1)
+    buf = torch.full((80, 64), 0x55, dtype=torch.uint8, device="cuda").view(E4M3)
+    out_t = buf[:70, :50]
+    ops.fp8_cast(x, E4M3, 0.5, write=False, transpose=True, out_t=out_t)
+    want = _quantize_ref(x.float(), torch.tensor(0.5, device="cuda"), E4M3).view(torch.uint8)
+    raw = buf.view(torch.uint8)
+    assert torch.equal(raw[:70, :50], want.T)
+    assert (raw[70:] == 0x55).all() and (raw[:, 50:] == 0x55).all(), "wrote outside the destination view"
+
+
+# ===========================================================================
+# tier 2: relu²
+# ===========================================================================
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [1, 13, 4099, 3 * 1024 * 1024 + 5])
+@pytest.mark.parametrize("f8", [None, E4M3, E5M2])
+def test_relu2_forward_backward_match_the_reference_in_dtype(gpu, poisoned, dtype, n, f8):
+    g = _gen(n)
+    pre = (torch.randn(n, generator=g, device="cuda") * 4).to(dtype)
+    if n > 1:
+        pre[n // 2] = float("nan")  # relu keeps NaN, as torch.relu does
+    dpost = torch.randn(n, generator=g, device="cuda").to(dtype)
+    post, post_f8 = ops.relu2_forward(pre, f8_dtype=f8, f8_scale=0.25)
+    want_post = torch.relu(pre).square()
+    torch.testing.assert_close(post, want_post, rtol=0, atol=0, equal_nan=True)
+    dpre, dpre_f8 = ops.relu2_backward(dpost, post, f8_dtype=f8, f8_scale=torch.full((1,), 0.5, device="cuda"))
+    want_dpre = dpost * (2 * post.sqrt())
+    torch.testing.assert_close(dpre, want_dpre, rtol=0, atol=0, equal_nan=True)
+    if f8 is not None:
+        assert torch.equal(post_f8.view(torch.uint8),
+                           _quantize_ref(want_post, torch.tensor(0.25, device="cuda"), f8).view(torch.uint8))
+        assert torch.equal(dpre_f8.view(torch.uint8),
+                           _quantize_ref(want_dpre, torch.tensor(0.5, device="cuda"), f8).view(torch.uint8))
+    else:
+        assert post_f8 is None and dpre_f8 is None
+
+
+@pytest.mark.gpu
+def test_relu2_misaligned_scalar_path(gpu, poisoned):
+    base = torch.randn(1001, generator=_gen(1), device="cuda").to(torch.bfloat16)
+    pre = base[1:]  # 2 bytes into the buffer: no 16-byte vectors
+    assert pre.data_ptr() % 16 != 0
+    post, _ = ops.relu2_forward(pre)
+    torch.testing.assert_close(post, torch.relu(pre).square(), rtol=0, atol=0)
+    dpre, _ = ops.relu2_backward(pre, post)
+    torch.testing.assert_close(dpre, pre * (2 * post.sqrt()), rtol=0, atol=0)
+
+
+# ===========================================================================
+# tier 2: symmetric X·Xᵀ
+# ===========================================================================
+
+BF16_HALF_ULP = 2.0**-8
+FP32_ACC = 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, M, K", [(1, 1, 8), (1, 7, 24), (3, 65, 40), (2, 130, 13), (1, 200, 1000),
+                                     (4, 256, 768), (2, 768, 3072)])
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_sym_xxt_matches_float64_and_is_exactly_symmetric(gpu, poisoned, B, M, K, tile, out_dtype):
+    x = torch.randn(B, M, K, generator=_gen(M * K), device="cuda").to(torch.bfloat16)
+    A = ops.sym_xxt(x, out_dtype, tile=tile)
+    assert A.shape == (B, M, M) and A.dtype == out_dtype
+    x64 = x.double()
+    ref = x64 @ x64.mT
+    bound = FP32_ACC * (x64.abs() @ x64.abs().mT)
+    if out_dtype == torch.bfloat16:
+        bound = bound + BF16_HALF_ULP * ref.abs()
+    err = (A.double() - ref).abs()
+    assert torch.isfinite(A).all(), "unwritten elements"
+    assert (err <= bound).all(), f"max excess {float((err - bound).max()):.3g}"
+    assert torch.equal(A, A.mT), "mirrored tiles differ from their source tiles"
+
+
+@pytest.mark.gpu
+def test_sym_xxt_strided_and_2d_inputs(gpu, poisoned):
+    x = torch.randn(3, 40, 64, device="cuda").to(torch.bfloat16)
+    ref = x.double() @ x.double().mT
+    for variant in (x[:, :, :50], x.mT.contiguous().mT, x[1]):
+        A = ops.sym_xxt(variant, torch.float32)
+        v64 = variant.double()
+        assert torch.allclose(A.double(), v64 @ v64.mT, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(ops.sym_xxt(x, torch.float32).double(), ref, rtol=1e-5, atol=1e-3)
+
+
+# ===========================================================================
+# tier 2: the three ops through the public API
+# ===========================================================================
+
+def _f64_newton_schulz(G, coefficients, norm_scale=1.0, eps=1e-7):
+    X = G.double() / (norm_scale * torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True) + eps)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    for a, b, c in coefficients:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def _rel_err(got, truth):
+    return float((got.double() - truth).norm() / truth.norm())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(5, 37), (37, 5), (3, 64, 96), (2, 130, 70), (12, 768, 768), (4, 768, 3072)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_newton_schulz_cuda_backend(gpu, shape, dtype):
+    G = torch.randn(shape, generator=_gen(sum(shape)), device="cuda").to(dtype)
+    X = kernels.newton_schulz(G, steps=5, backend="cuda")
+    ref = kernels.newton_schulz(G, steps=5, backend="reference")
+    assert X.shape == G.shape and X.dtype == dtype and torch.isfinite(X).all()
+    truth = _f64_newton_schulz(G, [(3.4445, -4.7750, 2.0315)] * 5)
+    assert _rel_err(X, truth) <= 2 * _rel_err(ref, truth) + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, D, H", [(1, 8, 32), (37, 24, 100), (1000, 768, 3072)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_relu2_mlp_cuda_backend(gpu, T, D, H, dtype):
+    g = _gen(T + D + H)
+    x = torch.randn(T, D, generator=g, device="cuda").to(dtype).requires_grad_()
+    w_fc = (torch.randn(H, D, generator=g, device="cuda") / math.sqrt(D)).to(dtype).requires_grad_()
+    w_proj = (torch.randn(D, H, generator=g, device="cuda") / math.sqrt(H)).to(dtype).requires_grad_()
+    dy = torch.randn(T, D, generator=g, device="cuda").to(dtype)
+    results = {}
+    for backend in ("cuda", "reference"):
+        out = kernels.relu2_mlp(x, w_fc, w_proj, backend=backend)
+        grads = torch.autograd.grad(out, (x, w_fc, w_proj), dy)
+        results[backend] = (out, *grads)
+    x64, wf64, wp64, dy64 = (t.detach().double() for t in (x, w_fc, w_proj, dy))
+    pre = x64 @ wf64.T
+    out64 = pre.relu().square() @ wp64.T
+    dpre = (dy64 @ wp64) * 2 * pre.relu()
+    truth = (out64, dpre @ wf64, dpre.T @ x64, dy64.T @ pre.relu().square())
+    for name, got, ref, want in zip(("out", "dx", "dw_fc", "dw_proj"), results["cuda"], results["reference"], truth):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        assert _rel_err(got, want) <= 2 * _rel_err(ref, want) + 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, D, V", [(7, 24, 37), (64, 128, 1000), (300, 768, 50304)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("static_scales", [False, True])
+def test_fp8_head_cuda_backend_matches_reference(gpu, T, D, V, dtype, static_scales):
+    g = _gen(T + D + V)
+    x = torch.randn(T, D, generator=g, device="cuda").to(dtype).requires_grad_()
+    w = (torch.randn(V, D, generator=g, device="cuda") * 0.05).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (T,), generator=g, device="cuda")
+    targets[T // 2] = -100
+    scales = kernels.SPEEDRUN_SCALES if static_scales else None
+    results = {}
+    for backend in ("cuda", "reference"):
+        loss = kernels.fp8_head_loss(x, w, targets, logit_scale=D**-0.5, scales=scales, reduction="sum",
+                                     backend=backend)
+        results[backend] = (loss, *torch.autograd.grad(loss, (x, w)))
+    loss, dx, dw = results["cuda"]
+    ref_loss, ref_dx, ref_dw = results["reference"]
+    # bf16 logits between the matmul and the loss: |Δz| <= 2^-9 |z| per logit, mostly averaging out.
+    assert abs(float(loss) - float(ref_loss)) <= 2e-3 * abs(float(ref_loss)) + 1e-3
+    for name, got, ref in (("dx", dx, ref_dx), ("dw", dw, ref_dw)):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        cos = torch.nn.functional.cosine_similarity(got.double().flatten(), ref.double().flatten(), dim=0)
+        assert cos > 0.99, (name, float(cos))  # e5m2 rounding of slightly different logits
+        assert _rel_err(got, ref.double()) < 0.1, name
