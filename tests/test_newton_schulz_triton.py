@@ -306,6 +306,11 @@ def test_launchers_reject_bad_input(tn, triton_device):
     S = X[:, :, :8]
     with pytest.raises(ValueError, match="out"):
         tn.axpy_matmul(S, X, 1.0, out=X)
+    A = torch.zeros((2, 8, 8), dtype=torch.bfloat16, device=triton_device)
+    with pytest.raises(ValueError, match="out"):
+        tn.sym_poly(A, 1.0, 1.0, out=A)
+    with pytest.raises(ValueError, match="out"):
+        tn.sym_xxt(A, out=A)
     with pytest.raises(ValueError, match="config"):
         tn.sym_xxt(X, config={"BLOCK": 16})
     with pytest.raises(ValueError, match="BLOCK"):
@@ -346,7 +351,7 @@ def test_gpu_iteration_vs_float64(tn, shape):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(24, 768, 3072), (24, 3072, 768), (4, 1024, 1024)])
+@pytest.mark.parametrize("shape", [(24, 768, 3072), (4, 3072, 768), (4, 1024, 1024), (3, 1000, 1501)])
 def test_gpu_kernels_alone(tn, shape):
     batch, m, n = shape
     X = (_randn(shape, 21, "cpu") / math.sqrt(n)).cuda().bfloat16()

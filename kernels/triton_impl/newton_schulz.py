@@ -21,7 +21,13 @@ Operands are rounded to bf16, products accumulate in fp32, epilogues run in fp32
 and round once on store. Every batch offset and row offset is 64-bit, so a
 [24, 3072, 768] stack (or far larger) cannot overflow.
 
-Order: kernels -> config table -> launchers (public: sym_xxt, sym_poly,
+Launch parameters come from a per-shape table (gram_config, axpy_config: H100
+starting points, not yet measured) or, with $KERNELS_NS_AUTOTUNE=1 on a GPU, from
+timing a few candidates on the first call per shape. Under the Triton interpreter
+the kernels compute on bf16-rounded values held in fp32 (its bf16 dot is wrong and
+its bf16 casts truncate), so interpreter results match a GPU's up to summation order.
+
+Order: kernels -> config table and tuner -> launchers (public: sym_xxt, sym_poly,
 axpy_matmul) -> forward (the backend entry point).
 """
 
@@ -422,6 +428,12 @@ def _check_out(out, shape, device, squeeze: bool):
     return out3
 
 
+def _check_not_aliased(out, given, inp, inp_name):
+    # Programs read input tiles other programs have already overwritten if out aliases the input.
+    if given is not None and out.untyped_storage().data_ptr() == inp.untyped_storage().data_ptr():
+        raise ValueError(f"out: shares storage with {inp_name}; the product cannot be computed in place")
+
+
 def _check_device(**tensors) -> torch.device:
     (first_name, first), *rest = tensors.items()
     for name, t in rest:
@@ -446,6 +458,7 @@ def sym_xxt(X: torch.Tensor, out: torch.Tensor | None = None, *, config: dict | 
     out3 = _check_out(out, (batch, m, m), device, squeeze)
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
+    _check_not_aliased(out3, out, X3, "X")
     config = _check_config("config", config, ("BLOCK", "BLOCK_K")) if config else gram_config(batch, m, k, device)
     _launch_gram(X3, (X3.stride(2), X3.stride(1)), out3, config)
     return out3[0] if squeeze else out3
@@ -468,6 +481,7 @@ def sym_poly(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = Non
     out3 = _check_out(out, (batch, m, m), device, squeeze)
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
+    _check_not_aliased(out3, out, A3, "A")
     config = _check_config("config", config, ("BLOCK", "BLOCK_K")) if config else gram_config(batch, m, m, device)
     # R[kk, j] = A[j, kk] = A[kk, j]: address it row-major, the coalesced way.
     _launch_gram(A3, (A3.stride(1), A3.stride(2)), out3, config, Q=A3, alpha=c, beta=b)
@@ -495,8 +509,7 @@ def axpy_matmul(S: torch.Tensor, X: torch.Tensor, a: float, out: torch.Tensor | 
     out3 = _check_out(out, (batch, m, n), device, squeeze)
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
-    if out is not None and out3.untyped_storage().data_ptr() == X3.untyped_storage().data_ptr():
-        raise ValueError("out: shares storage with X; other tiles still read X, so the update cannot be in place")
+    _check_not_aliased(out3, out, X3, "X")
     config = (_check_config("config", config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")) if config
               else axpy_config(batch, m, n, device))
     _launch_axpy(S3, X3, out3, a, config)
