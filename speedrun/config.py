@@ -1,0 +1,199 @@
+"""Run configuration: one flat dataclass, three presets, command-line overrides.
+
+Every field can be set on the command line as ``--name=value`` (or ``--name
+value``); tuples take comma-separated values, booleans true/false.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+
+from speedrun.data import DEFAULT_FINEWEB_DIR
+
+
+@dataclasses.dataclass
+class Config:
+    # --- run ---------------------------------------------------------------
+    preset: str = "record"
+    num_steps: int = 1770
+    seed: int = 0
+    out: str = ""                       # default: runs/<preset>
+    backend: str = "auto"               # kernels backend: auto, reference, triton, cuda
+    data_dir: str = DEFAULT_FINEWEB_DIR
+    log_every: int = 1                  # progress line every k steps (log.jsonl gets every step)
+    checkpoint_every: int = 0           # also save checkpoint.pt every k steps (0: only at the end)
+    stop_after: int = 0                 # stop (with a checkpoint) after this step, as if interrupted; 0: never
+    inject_nan_step: int = 0            # test hook: make the loss NaN at this step (0: off)
+    # --- batch ---------------------------------------------------------------
+    seq_len: int = 48 * 1024            # tokens per rank per forward (one packed sequence)
+    batch_tokens: int = 8 * 48 * 1024   # tokens per optimizer step, all ranks; the rest is accumulation
+    # --- evaluation -----------------------------------------------------------
+    val_every: int = 125
+    val_tokens: int = 10_485_760
+    val_seq_len: int = 4 * 64 * 1024    # tokens per rank per validation forward
+    val_at_start: bool = True
+    # --- model ------------------------------------------------------------------
+    vocab_size: int = 50257             # the head is padded to the next multiple of 128
+    num_layers: int = 12
+    model_dim: int = 768
+    num_heads: int = 6
+    head_dim: int = 128
+    mlp_ratio: int = 4
+    num_value_embeds: int = 3           # ve_i feeds block i and block L-n+i
+    no_attention_layers: tuple = (7,)
+    window_pattern: str = "LSSSLSSLSSSL"  # per layer: L = long window, S = short (half)
+    window_max_tokens: int = 1728       # window warm-up: next multiple of attn_block >= this * progress
+    attn_block: int = 128
+    attn_scale: float = 0.12
+    softcap: float = 15.0
+    dtype: str = "bfloat16"             # activations and embedding tables
+    attention: str = "auto"             # flex (GPU), sdpa (dense mask), auto: flex on CUDA
+    head_fp8: bool = True               # training head through kernels.fp8_head_loss
+    fp8_scales: str = "static"          # static (the record's, scaled to model_dim) or dynamic
+    compile: bool = False               # torch.compile the whole model
+    threads: int = 0                    # torch CPU threads (0: torch's default)
+    # --- optimisation ---------------------------------------------------------------
+    lr_head: float = 0.22
+    lr_embed: float = 0.6
+    lr_scalar: float = 0.04
+    lr_muon: float = 0.05
+    adam_beta1: float = 0.8
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-10
+    muon_momentum: float = 0.95
+    muon_momentum_start: float = 0.85
+    muon_momentum_warmup: int = 300
+    ns_steps: int = 5
+    cooldown_frac: float = 0.4
+    final_lr_frac: float = 0.1
+    peak_tflops: float = 989.0          # per GPU, dense bf16 (H100 SXM), for the MFU estimate
+    # --- synthetic corpus (written into data_dir when ``synthetic``) ------------
+    synthetic: bool = False
+    synth_seed: int = 1337
+    synth_vocab: int = 16
+    synth_order: int = 2
+    synth_branching: int = 3
+    synth_doc_len: float = 96.0
+    synth_train_tokens: int = 1 << 21
+    synth_val_tokens: int = 1 << 16
+
+    def validate(self) -> "Config":
+        def need(ok, name, msg):
+            if not ok:
+                raise ValueError(f"--{name}: {msg}, got {getattr(self, name)!r}")
+
+        for name in ("num_steps", "seq_len", "batch_tokens", "val_every", "val_tokens", "val_seq_len",
+                     "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "attn_block",
+                     "window_max_tokens", "ns_steps", "log_every", "vocab_size"):
+            need(getattr(self, name) >= 1, name, "expected >= 1")
+        need(self.head_dim % 4 == 0, "head_dim", "the half-truncated rotary needs a multiple of 4")
+        need(len(self.window_pattern) == self.num_layers and set(self.window_pattern) <= {"L", "S"},
+             "window_pattern", f"expected {self.num_layers} letters L/S (one per layer)")
+        need(all(0 <= i < self.num_layers for i in self.no_attention_layers), "no_attention_layers",
+             f"expected layer indices in [0, {self.num_layers})")
+        need(0 <= 2 * self.num_value_embeds <= self.num_layers, "num_value_embeds",
+             f"expected 0..{self.num_layers // 2} (each table feeds one early and one late layer)")
+        need(self.seq_len % self.attn_block == 0, "seq_len", f"expected a multiple of attn_block={self.attn_block}")
+        need(self.val_seq_len % self.attn_block == 0, "val_seq_len",
+             f"expected a multiple of attn_block={self.attn_block}")
+        need(self.dtype in ("bfloat16", "float32", "float16"), "dtype", "expected bfloat16, float16 or float32")
+        need(self.attention in ("auto", "flex", "sdpa"), "attention", "expected auto, flex or sdpa")
+        need(self.backend in ("auto", "reference", "triton", "cuda"), "backend",
+             "expected auto, reference, triton or cuda")
+        need(self.fp8_scales in ("static", "dynamic"), "fp8_scales", "expected static or dynamic")
+        need(0.0 <= self.cooldown_frac <= 1.0, "cooldown_frac", "expected a fraction in [0, 1]")
+        need(self.checkpoint_every >= 0 and self.stop_after >= 0, "checkpoint_every", "expected >= 0")
+        return self
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-steps per optimizer step, so that the step always holds batch_tokens tokens."""
+        per_pass = world_size * self.seq_len
+        if self.batch_tokens % per_pass:
+            raise ValueError(f"--batch_tokens={self.batch_tokens} is not a multiple of world_size*seq_len = "
+                             f"{world_size}*{self.seq_len}; change --seq_len or the number of processes")
+        return self.batch_tokens // per_pass
+
+    @property
+    def padded_vocab(self) -> int:
+        return 128 * math.ceil(self.vocab_size / 128)
+
+
+PRESETS: dict[str, dict] = {
+    # The record's configuration (record-config.md); gradient accumulation keeps the
+    # 393,216-token step on fewer than 8 GPUs.
+    "record": {},
+    # A tiny model that learns the synthetic Markov source on 2 CPU cores in a few minutes.
+    "cpu-demo": dict(
+        num_steps=150, seq_len=512, batch_tokens=512, val_every=50, val_tokens=8192, val_seq_len=2048,
+        num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=1, no_attention_layers=(),
+        window_pattern="LSSL", window_max_tokens=384, dtype="float32", head_fp8=False, log_every=10,
+        lr_head=0.02, lr_embed=0.1, lr_scalar=0.04, lr_muon=0.05, muon_momentum_warmup=50,
+        data_dir="data/synthetic", synthetic=True, synth_train_tokens=1 << 18, synth_val_tokens=1 << 14,
+    ),
+    # Seconds: exercises every code path (fp8 head, accumulation, masks, eval, checkpoint).
+    "smoke": dict(
+        num_steps=4, seq_len=128, batch_tokens=256, val_every=2, val_tokens=256, val_seq_len=128,
+        num_layers=2, model_dim=32, num_heads=2, head_dim=16, num_value_embeds=1, no_attention_layers=(),
+        window_pattern="LS", attn_block=32, window_max_tokens=96, dtype="float32", muon_momentum_warmup=2,
+        threads=1, data_dir="data/synthetic-smoke", synthetic=True, synth_train_tokens=1 << 14,
+        synth_val_tokens=1 << 12,
+    ),
+}
+
+ALIASES = {"steps": "num_steps", "data": "data_dir"}
+
+
+def _convert(name: str, kind, text: str):
+    try:
+        if kind is bool:
+            low = text.lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return low in ("1", "true", "yes")
+        if kind is tuple:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--{name}: cannot read {text!r} as {kind.__name__}") from None
+
+
+def field_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] if hints[f.name] in (bool, int, float, str) else tuple
+            for f in dataclasses.fields(Config)}
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``["--model_dim=128", "--steps", "10"]`` -> {"model_dim": 128, "num_steps": 10}; unknown names raise."""
+    types = field_types()
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options look like --name=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{name}: missing value")
+            i += 1
+            value = args[i]
+        name = ALIASES.get(name, name).replace("-", "_")
+        if name not in types:
+            raise ValueError(f"unknown option --{name}; see --help for the config fields")
+        out[name] = _convert(name, types[name], value)
+        i += 1
+    return out
+
+
+def build_config(preset: str, overrides: dict, base: dict | None = None) -> Config:
+    if preset not in PRESETS:
+        raise ValueError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
+    values.update(overrides)
+    cfg = Config(**values)
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.preset}"
+    cfg.no_attention_layers = tuple(cfg.no_attention_layers)
+    return cfg.validate()
