@@ -70,7 +70,15 @@ def _passthrough(args) -> list[str]:
     return out
 
 
-def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadline: float | None) -> dict:
+def _share(deadline: float | None, scripts_left: int) -> float | None:
+    """This script's soft budget: an equal share of what is left (unused time flows to the next)."""
+    if deadline is None:
+        return None
+    return (deadline - time.monotonic() - GRACE_S) / max(1, scripts_left)
+
+
+def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadline: float | None,
+               scripts_left: int = 1) -> dict:
     cmd = [sys.executable, "-m", f"benchmarks.{name}", "--records", str(records_path), "--ceilings",
            str(ceilings_path), "--no-report", *_passthrough(args)]
     timeout = None
@@ -78,7 +86,7 @@ def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadlin
         left = deadline - time.monotonic()
         if left <= GRACE_S:
             return {"module": name, "rc": None, "seconds": 0.0, "note": "not run: time budget exhausted"}
-        cmd += ["--budget-s", f"{left - GRACE_S:.0f}"]
+        cmd += ["--budget-s", f"{max(1.0, _share(deadline, scripts_left)):.0f}"]
         timeout = left - GRACE_S / 2
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -98,7 +106,8 @@ def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadlin
     return {"module": name, "rc": rc, "seconds": round(seconds, 1), "note": note}
 
 
-def run_module_inprocess(name: str, args, ceilings: dict, records_path: Path, deadline: float | None) -> dict:
+def run_module_inprocess(name: str, args, ceilings: dict, records_path: Path, deadline: float | None,
+                         scripts_left: int = 1) -> dict:
     """The CPU smoke path: no process per script, so torch is imported once."""
     import importlib
     import traceback
@@ -111,7 +120,7 @@ def run_module_inprocess(name: str, args, ceilings: dict, records_path: Path, de
         module = importlib.import_module(f"benchmarks.{name}")
         if not hasattr(module, "run"):
             raise AttributeError(f"benchmarks.{name} has no run(ctx)")
-        budget = None if deadline is None else deadline - time.monotonic() - GRACE_S
+        budget = _share(deadline, scripts_left)
         ctx = harness.make_context(args, harness.resolve_device(args), ceilings)
         ctx._records_path, ctx._deadline = records_path, (None if budget is None else time.monotonic() + budget)
         module.run(ctx)
@@ -144,17 +153,19 @@ def main(argv: list[str] | None = None) -> int:
 
     only, skip = _names(args.only), _names(args.skip)
     names = [n for n in discover() if (not only or n in only) and n not in skip]
+    if only - set(discover()):
+        raise SystemExit(f"--only: no such script(s): {', '.join(sorted(only - set(discover())))}")
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cuda")
     records_dir = out / "records"
     records_dir.mkdir(exist_ok=True)
     modules, kernels, records = [], {}, []
-    for name in names:
+    for i, name in enumerate(names):
         records_path = records_dir / f"{name}.jsonl"
         records_path.unlink(missing_ok=True)
         if isolate:
-            modules.append(run_module(name, args, ceilings_path, records_path, deadline))
+            modules.append(run_module(name, args, ceilings_path, records_path, deadline, len(names) - i))
         else:
-            modules.append(run_module_inprocess(name, args, ceilings, records_path, deadline))
+            modules.append(run_module_inprocess(name, args, ceilings, records_path, deadline, len(names) - i))
         k, r = read_records(records_path)
         kernels.update(k)
         records += r
