@@ -1,9 +1,24 @@
 """The shared benchmark harness: timing, memory, device ceilings, records, CLI.
 
 A benchmark script is a module ``benchmarks/bench_<name>.py`` with a function
-``run(ctx)`` and the two lines ``if __name__ == "__main__": harness.main(run)``.
-``python -m benchmarks.run_all`` finds every such module and runs it in its own
-process, so one crashing kernel (a CUDA fault is sticky) cannot take the others down.
+``run(ctx)`` that ends with ``raise SystemExit(harness.main(run))`` under
+``if __name__ == "__main__"``. ``python -m benchmarks.run_all`` finds every such
+module; on CUDA it runs each in its own process, so one crashing kernel (a CUDA
+fault is sticky) cannot take the others down. A minimal script::
+
+    from benchmarks import harness
+
+    def run(ctx):
+        ctx.declare_kernel("axpy", reference="reference", compiled="compiled", peak="bf16")
+        n = 1000 if ctx.smoke else 1 << 28
+        x = torch.randn(n, device=ctx.device)
+        ref = 2 * x + 1
+        for name, f in {"reference": lambda: 2 * x + 1, "compiled": ctx.compile(lambda: 2 * x + 1)}.items():
+            ctx.bench(kernel="axpy", shape={"N": n}, provider=name, mode="fwd", fn=f, flops=2 * n,
+                      bytes_moved=8 * n, check=lambda f=f: harness.compare("y", f(), ref, rel_tol=1e-6))
+
+    if __name__ == "__main__":
+        raise SystemExit(harness.main(run))
 
 API used by the scripts (everything else here is internal)::
 
