@@ -584,7 +584,9 @@ _CONFIGS_GPU = {
     "matmul": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
     "rows": dict(BLOCK_V=2048, num_warps=8),
     "quantize": dict(BLOCK=4096, num_warps=8),
-    "split_programs_per_sm": 2,  # the forward splits V until this many programs per SM exist
+    # The forward splits V until it has this many programs (None: SMs x split_programs_per_sm).
+    "split_programs": None,
+    "split_programs_per_sm": 2,
 }
 # Interpreter: small tiles so that odd test shapes span several tiles, D chunks and V splits.
 _CONFIGS_INTERPRET = {
@@ -596,7 +598,8 @@ _CONFIGS_INTERPRET = {
     "matmul": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
     "rows": dict(BLOCK_V=64, num_warps=4),
     "quantize": dict(BLOCK=256, num_warps=4),
-    "split_programs": 4,  # total programs the forward aims for (a GPU uses SMs x programs per SM)
+    "split_programs": 4,
+    "split_programs_per_sm": 2,
 }
 
 # The materialised path multiplies with torch._scaled_mm on CUDA when the shapes allow it.
@@ -620,11 +623,13 @@ def get_config(device: torch.device, overrides: dict | None = None) -> dict:
             config[key].update(value)
         else:
             config[key] = value
+    # Dot extents along K: FP8 tl.dot needs >= 32 on a GPU, fp16 (DOT_FP16) >= 16.
     for kernel, k_dims in (("forward", ("BLOCK_K",)), ("dx", ("BLOCK_K", "BLOCK_V")), ("dw", ("BLOCK_K", "BLOCK_T"))):
         for dim in k_dims:
-            if config[kernel][dim] < 16 or config[kernel][dim] & (config[kernel][dim] - 1):
-                raise ValueError(f"config[{kernel!r}][{dim!r}]: expected a power of two >= 16, "
-                                 f"got {config[kernel][dim]}")
+            smallest = 16 if dim != "BLOCK_K" and config[kernel].get("DOT_FP16") else 32
+            value = config[kernel][dim]
+            if value < smallest or value & (value - 1):
+                raise ValueError(f"config[{kernel!r}][{dim!r}]: expected a power of two >= {smallest}, got {value}")
     for kernel in ("dx", "dw"):
         if config[kernel]["NUM_ACC"] not in (1, 2, 3, 4):
             raise ValueError(f"config[{kernel!r}]['NUM_ACC']: expected 1, 2, 3 or 4, got {config[kernel]['NUM_ACC']}")
@@ -696,11 +701,10 @@ def _fused_lse_loss(x_f8, w_f8, targets, used_scales, softcap, logit_scale, igno
     block_t, block_v = cfg["BLOCK_T"], cfg["BLOCK_V"]
     row_blocks = triton.cdiv(T, block_t)
     v_tiles = triton.cdiv(V, block_v)
-    if x_f8.device.type == "cuda":
+    target_programs = config["split_programs"]
+    if target_programs is None:
         index = x_f8.device.index if x_f8.device.index is not None else torch.cuda.current_device()
         target_programs = _num_sms(index) * config["split_programs_per_sm"]
-    else:
-        target_programs = config["split_programs"]
     splits = max(1, min(v_tiles, triton.cdiv(target_programs, row_blocks)))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
