@@ -19,9 +19,9 @@ Why two recomputing kernels and not atomics: every program owns its output tile,
 [T, V] buffer, no fp32 scratch for dx/dW, no atomics (deterministic results), and the outputs are
 written once, already scaled and cast. The alternative, one kernel per (row block, V block) tile
 adding dl·W and dlᵀ·x into fp32 dx/dW with atomics, recomputes the logits once instead of twice
-but issues T·V·D·(1/BLOCK_V + 1/BLOCK_T) atomic adds (~2.2e10 at T = 48K, V = 50304, D = 768 and
-128² tiles): far more L2 traffic than the extra recompute. The price here is the recompute: the
-logits are recomputed once per D group in each kernel, so the backward costs
+but issues T·V·D·(1/BLOCK_V + 1/BLOCK_T) fp32 atomic adds (3e10, 120 GB, at T = 48K, V = 50304,
+D = 768 and 128² tiles): far more L2 traffic than the extra recompute. The price here is the
+recompute: the logits are recomputed once per D group in each kernel, so the backward costs
 (2·ceil(D / (NUM_ACC·BLOCK_D)) + 2) logit-GEMM equivalents; covering D with one group (NUM_ACC·
 BLOCK_D >= D) makes it 4, at the cost of NUM_ACC·BLOCK_D fp32 accumulators per row of the tile.
 The GPU block sizes below are untested guesses: measure before trusting them.
