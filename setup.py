@@ -139,6 +139,14 @@ class BuildExtOptionalCuda(build_ext):
              "(the 'cuda' backend will be unavailable)")
         self._record = {"status": status, "message": message}
         self.extensions = [e for e in self.extensions if e.name != EXT_NAME]
+        self._remove_stale_extension()
+
+    def _remove_stale_extension(self) -> None:
+        """An earlier build's module left in the build tree (or in place) would be packaged as if just built."""
+        path = self.get_ext_fullpath(EXT_NAME)
+        if os.path.exists(path):
+            _log(f"removing the stale {path}")
+            os.remove(path)
 
     def build_extensions(self):
         built = []
@@ -157,6 +165,7 @@ class BuildExtOptionalCuda(build_ext):
                 short = message.splitlines()[0] if message else type(e).__name__
                 self._record.update(status="failed", message=f"the nvcc build failed at install time: {short}",
                                     log=message[-4000:])
+                self._remove_stale_extension()
         # Later steps (copying in-place, listing outputs) only see what exists.
         self.extensions = built
 

@@ -43,8 +43,11 @@ def extension_status() -> tuple[bool, str]:
     """(True, what was built) when ``kernels._C`` imports, else (False, why the "cuda" backend is missing)."""
     record = build_record()
     if _C is not None:
-        built = record.get("message", "built") if record else "built (no build record)"
-        return True, f"CUDA extension loaded: {built}; {_C.runtime_info()}"
+        if record is not None and record.get("status") == "built":
+            return True, f"CUDA extension loaded: {record.get('message', 'built')}; {_C.runtime_info()}"
+        # Loaded, but not from this install's build (e.g. an older in-place build found first on the path).
+        note = f"the build record says: {record.get('message')}" if record else "no build record"
+        return True, f"CUDA extension loaded from {getattr(_C, '__file__', '?')} ({note}); {_C.runtime_info()}"
     if record is None:
         return False, ("CUDA extension not built: no build record (install the package with `pip install -e .` "
                        "on a machine with nvcc)")
