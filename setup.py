@@ -185,7 +185,8 @@ class BuildExtOptionalCuda(build_ext):
         headers = [os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith((".cuh", ".h"))]
         # Flags are part of the object's identity: a changed target list rebuilds.
         tag = re.sub(r"[^A-Za-z0-9]+", "_", "_".join(names))
-        base_cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-I", CSRC, *flags]
+        # Hidden visibility: nothing but PyInit__C leaves the module (pybind11 hides its own symbols).
+        base_cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-I", CSRC, *flags]
 
         def compile_one(src: str) -> str:
             src_path = os.path.join(CSRC, src)
@@ -209,8 +210,11 @@ class BuildExtOptionalCuda(build_ext):
         cudart = _static_cudart(root)
         ext.include_dirs = [*ext.include_dirs, CSRC]
         ext.extra_objects = [*ext.extra_objects, *objects]
-        # Static cudart, then the system libraries it needs.
-        ext.extra_link_args = [*ext.extra_link_args, cudart, "-lrt", "-lpthread", "-ldl"]
+        # Static cudart, then the system libraries it needs. --exclude-libs keeps
+        # cudart's symbols local, so a libcudart that torch loaded globally
+        # cannot interpose on this module's own copy (or the other way round).
+        ext.extra_link_args = [*ext.extra_link_args, cudart, "-lrt", "-lpthread", "-ldl",
+                               "-Wl,--exclude-libs,ALL"]
         self.build_extension(ext)
         self._record.update(status="built", message=f"built with nvcc {version} for {', '.join(names)}",
                             nvcc=nvcc, cuda_home=root, cuda_version=version, archs=names)

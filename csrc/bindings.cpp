@@ -29,7 +29,8 @@ PYBIND11_MODULE(_C, m) {
       [](int device, ptr_t stream, ptr_t logits, int logits_dtype, std::int64_t ld_logits, ptr_t targets,
          std::int64_t rows, std::int64_t cols, float softcap, float logit_scale, std::int64_t ignore_index,
          ptr_t loss, ptr_t lse_out, ptr_t lse_in, ptr_t grad, std::int64_t grad_stride, float grad_mult,
-         ptr_t dlogits, int dlogits_dtype, std::int64_t ld_dlogits, ptr_t dl_scale_ptr, float dl_scale) {
+         ptr_t dlogits, int dlogits_dtype, std::int64_t ld_dlogits, ptr_t dl_scale_ptr, float dl_scale,
+         bool fast_tanh) {
         kx::SoftcapCEArgs a;
         a.logits = logits;
         a.logits_dtype = logits_dtype;
@@ -51,6 +52,7 @@ PYBIND11_MODULE(_C, m) {
         a.ld_dlogits = ld_dlogits;
         a.dl_scale_ptr = dl_scale_ptr;
         a.dl_scale = dl_scale;
+        a.fast_tanh = fast_tanh;
         kx::softcap_ce(device, stream, a);
       },
       "Softcapped cross-entropy forward/backward over logit rows (see csrc/kernels_api.h).", py::arg("device"),
@@ -59,7 +61,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("loss") = 0, py::arg("lse_out") = 0, py::arg("lse_in") = 0, py::arg("grad") = 0,
       py::arg("grad_stride") = 0, py::arg("grad_mult") = 1.0f, py::arg("dlogits") = 0,
       py::arg("dlogits_dtype") = static_cast<int>(kx::kBFloat16), py::arg("ld_dlogits") = 0,
-      py::arg("dl_scale_ptr") = 0, py::arg("dl_scale") = 1.0f);
+      py::arg("dl_scale_ptr") = 0, py::arg("dl_scale") = 1.0f, py::arg("fast_tanh") = false);
 
   m.def("fp8_amax", &kx::fp8_amax, "amax = max |x| into a device float.", py::arg("device"), py::arg("stream"),
         py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("amax"));

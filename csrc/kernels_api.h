@@ -58,6 +58,7 @@ struct SoftcapCEArgs {
   std::int64_t ld_dlogits = 0;
   ptr_t dl_scale_ptr = 0;
   float dl_scale = 1.0f;
+  bool fast_tanh = false;  // tanh.approx.f32 (relative error 2^-11) instead of the ~1e-7 exp2 form
 };
 void softcap_ce(int device, ptr_t stream, const SoftcapCEArgs& a);
 

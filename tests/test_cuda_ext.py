@@ -283,6 +283,11 @@ def _assert_fp8_close(name, got, want_scaled, dtype):
     assert worst <= 1.0, f"{name}: max error {float(err.max()):.3g} is {worst:.2f}x the one-ulp bound"
 
 
+def _raw(t):
+    """Bytes of float8 tensors (torch.equal has no float8 kernels), the tensor itself otherwise."""
+    return t.view(torch.uint8) if t.dtype in (E4M3, E5M2) else t
+
+
 def _assert_close(name, got, want, rtol, atol):
     assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite elements"
     err = (got.double() - want).abs()
@@ -337,6 +342,30 @@ def test_ce_fused_forward_backward_matches_float64(gpu, poisoned, R, V, in_dtype
         _assert_close("dlogits", dl, want_dl, rtol, 1e-6 * float(want_dl.abs().max()))
     ignored = targets == -100
     assert (dl[ignored].float() == 0).all()
+    # The backward from the saved lse derives everything the same way: bit-identical.
+    dl_bwd = ops.softcap_ce_backward(logits, targets, lse, 15.0, 0.5, grad=grad, dlogits_dtype=out_dtype,
+                                     dl_scale=scale)
+    assert torch.equal(_raw(dl_bwd), _raw(dl)), "backward from lse differs from the fused pass"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R, V", [(37, 1000), (3, 50304)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, E5M2])
+def test_ce_fast_tanh_within_its_error_budget(gpu, poisoned, R, V, out_dtype):
+    """tanh.approx: |Δt| <= 2^-11·|t|, so |Δz| <= 7.3e-3 at softcap 15 and |Δloss| <= 1.5e-2."""
+    logits, targets = _ce_inputs(R, V, torch.bfloat16, seed=R * V)
+    scale = 2.0**-14 if out_dtype == E5M2 else 1.0
+    loss, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 1 / math.sqrt(768), dlogits_dtype=out_dtype,
+                                           dl_scale=scale, fast_tanh=True)
+    want_loss, want_lse, want_dl = _ce_float64(logits, targets, 15.0, 1 / math.sqrt(768), -100)
+    _assert_close("lse", lse, want_lse, 0.0, 1e-2)
+    _assert_close("loss", loss, want_loss, 0.0, 2e-2)
+    got = dl.double() * scale
+    # 1 - t² is off by up to 2|t||Δt| ~ 1e-3 in absolute terms, i.e. relative to the largest gradient.
+    _assert_close("dlogits", got, want_dl, 0.3 if out_dtype == E5M2 else 2e-2, 2e-3 * float(want_dl.abs().max()))
+    dl_bwd = ops.softcap_ce_backward(logits, targets, lse, 15.0, 1 / math.sqrt(768), dlogits_dtype=out_dtype,
+                                     dl_scale=scale, fast_tanh=True)
+    assert torch.equal(_raw(dl_bwd), _raw(dl)), "backward from lse differs from the fused pass"
 
 
 @pytest.mark.gpu
