@@ -106,17 +106,19 @@ def bench_softcap_ce(ctx) -> None:
         costs = {"fwd": T * V * elt + vec, "bwd": T * V * (elt + elt) + vec + T * 4,
                  "fwd+bwd": T * V * (elt + elt) + vec + T * 4}
 
-        def check_fused(out, scale=1.0, fp8=False):
+        def check_fused(out, scale=1.0, fp8=False, loss_tol=1e-4):
             loss, dl = out
-            metrics = harness.compare("loss", loss[rows], loss64, rel_tol=1e-4)
+            metrics = harness.compare("loss", loss[rows], loss64, rel_tol=loss_tol)
             # e5m2 keeps 2 mantissa bits: up to 12.5% per element.
             metrics.update(harness.compare("dlogits", dl[rows].double() * scale, dl64, rel_tol=0.1 if fp8 else 2e-2,
                                            cos_min=0.99 if fp8 else 0.999))
             return metrics
 
-        providers = {"reference": ("ref", None), "compiled": ("compiled", None), "cuda": ("cuda", None),
-                     "cuda_e5m2": ("cuda", E5M2), "triton": ("triton", E5M2)}
-        for name, (impl, dl_dtype) in providers.items():
+        # (implementation, float8 dlogits dtype or None for bf16, tanh.approx in the CUDA kernel)
+        providers = {"reference": ("ref", None, False), "compiled": ("compiled", None, False),
+                     "cuda": ("cuda", None, False), "cuda_fast_tanh": ("cuda", None, True),
+                     "cuda_e5m2": ("cuda", E5M2, False), "triton": ("triton", E5M2, False)}
+        for name, (impl, dl_dtype, fast) in providers.items():
             if impl == "cuda" and ops is None:
                 for mode in (harness.MODES if dl_dtype is None else ("fwd+bwd",)):
                     ctx.skip(kernel=kernel, shape=shape, provider=name, mode=mode, note=why_not)
@@ -137,13 +139,16 @@ def bench_softcap_ce(ctx) -> None:
                 bwd = lambda: compiled_bwd(logits, targets, lse_saved, grad)  # noqa: E731
                 fused = lambda: compiled_fused(logits, targets, grad)  # noqa: E731
             elif impl == "cuda":
-                fwd = lambda: ops.softcap_ce_forward(logits, targets, softcap, logit_scale)  # noqa: E731
+                fwd = lambda fast=fast: ops.softcap_ce_forward(  # noqa: E731
+                    logits, targets, softcap, logit_scale, fast_tanh=fast)
                 dtype = dl_dtype or torch.bfloat16
                 scale = gs if dl_dtype is not None else 1.0
-                bwd = lambda dtype=dtype, scale=scale: ops.softcap_ce_backward(  # noqa: E731
-                    logits, targets, lse_saved, softcap, logit_scale, grad=grad, dlogits_dtype=dtype, dl_scale=scale)
-                fused = lambda dtype=dtype, scale=scale: ops.softcap_ce_forward(  # noqa: E731
-                    logits, targets, softcap, logit_scale, grad=grad, dlogits_dtype=dtype, dl_scale=scale)[::2]
+                bwd = lambda dtype=dtype, scale=scale, fast=fast: ops.softcap_ce_backward(  # noqa: E731
+                    logits, targets, lse_saved, softcap, logit_scale, grad=grad, dlogits_dtype=dtype, dl_scale=scale,
+                    fast_tanh=fast)
+                fused = lambda dtype=dtype, scale=scale, fast=fast: ops.softcap_ce_forward(  # noqa: E731
+                    logits, targets, softcap, logit_scale, grad=grad, dlogits_dtype=dtype, dl_scale=scale,
+                    fast_tanh=fast)[::2]
             else:
                 cfg = triton_fp8.get_config(logits.device)
 
@@ -152,10 +157,13 @@ def bench_softcap_ce(ctx) -> None:
                                                           row_grad=grad, grad_scale=gs)
                     return loss, dl
                 fwd = bwd = None
+            # tanh.approx moves z by up to 7e-3 (see csrc/softcap_ce.cu): looser loss tolerance.
+            loss_tol = 2e-3 if fast else 1e-4
             if impl in ("ref", "compiled", "cuda") and dl_dtype is None:
                 ctx.bench(kernel=kernel, shape=shape, provider=name, mode="fwd", fn=fwd, flops=None,
                           bytes_moved=costs["fwd"],
-                          check=lambda fwd=fwd: harness.compare("loss", fwd()[0][rows], loss64, rel_tol=1e-4))
+                          check=lambda fwd=fwd, tol=loss_tol: harness.compare("loss", fwd()[0][rows], loss64,
+                                                                              rel_tol=tol))
                 ctx.bench(kernel=kernel, shape=shape, provider=name, mode="bwd", fn=bwd, flops=None,
                           bytes_moved=costs["bwd"],
                           check=lambda bwd=bwd: harness.compare("dlogits", bwd()[rows], dl64, rel_tol=2e-2,
@@ -163,8 +171,9 @@ def bench_softcap_ce(ctx) -> None:
             scale = gs if dl_dtype is not None else 1.0
             ctx.bench(kernel=kernel, shape=shape, provider=name, mode="fwd+bwd", fn=fused, flops=None,
                       bytes_moved=fused_bytes if dl_dtype is not None else costs["fwd+bwd"],
-                      check=lambda fused=fused, scale=scale, fp8=dl_dtype is not None: check_fused(fused(), scale, fp8),
-                      note="e5m2 dlogits" if dl_dtype is not None else "")
+                      check=lambda fused=fused, scale=scale, fp8=dl_dtype is not None, tol=loss_tol: check_fused(
+                          fused(), scale, fp8, tol),
+                      note=("e5m2 dlogits" if dl_dtype is not None else "") + (" tanh.approx" if fast else ""))
             fwd = bwd = fused = None
             ctx.cleanup()
         del logits, targets, grad, sub, lse_saved
