@@ -191,7 +191,10 @@ __global__ void __launch_bounds__(Config<BM, WARPS_M, WARPS_N>::kThreads)
 
   for (int i = tid; i < BM * BM; i += C::kThreads) {
     const int r = i / BM, c = i % BM;
-    if (row0 + r < m && col0 + c < m) ob[(row0 + r) * ldo + col0 + c] = from_float<Tout>(cs[r * kCsRow + c]);
+    // A diagonal tile mirrors its own upper triangle, so the whole output is
+    // exactly symmetric whatever order the tensor cores summed (i, j) and (j, i) in.
+    const int sr = diag && r > c ? c : r, sc = diag && r > c ? r : c;
+    if (row0 + r < m && col0 + c < m) ob[(row0 + r) * ldo + col0 + c] = from_float<Tout>(cs[sr * kCsRow + sc]);
   }
   if (!diag) {
     for (int i = tid; i < BM * BM; i += C::kThreads) {
