@@ -72,7 +72,7 @@ class Config:
     # --- synthetic corpus (written into data_dir when ``synthetic``) ------------
     synthetic: bool = False
     synth_seed: int = 1337
-    synth_vocab: int = 16
+    synth_vocab: int = 12
     synth_order: int = 2
     synth_branching: int = 3
     synth_doc_len: float = 96.0
@@ -124,13 +124,14 @@ PRESETS: dict[str, dict] = {
     # The record's configuration (record-config.md); gradient accumulation keeps the
     # 393,216-token step on fewer than 8 GPUs.
     "record": {},
-    # A tiny model that learns the synthetic Markov source on 2 CPU cores in a few minutes.
+    # A tiny model that learns the synthetic order-2 Markov source on one CPU core in about
+    # 3 minutes (the record's learning rates; one thread: a second one only helps on an idle machine).
     "cpu-demo": dict(
-        num_steps=150, seq_len=512, batch_tokens=512, val_every=50, val_tokens=8192, val_seq_len=2048,
-        num_layers=4, model_dim=64, num_heads=2, head_dim=32, num_value_embeds=1, no_attention_layers=(),
+        num_steps=150, seq_len=256, batch_tokens=256, val_every=75, val_tokens=8192, val_seq_len=2048,
+        num_layers=4, model_dim=96, num_heads=2, head_dim=48, num_value_embeds=1, no_attention_layers=(),
         window_pattern="LSSL", window_max_tokens=384, dtype="float32", head_fp8=False, log_every=10,
-        lr_head=0.02, lr_embed=0.1, lr_scalar=0.04, lr_muon=0.05, muon_momentum_warmup=50,
-        data_dir="data/synthetic", synthetic=True, synth_train_tokens=1 << 18, synth_val_tokens=1 << 14,
+        muon_momentum_warmup=50, threads=1, data_dir="data/synthetic", synthetic=True,
+        synth_train_tokens=1 << 17, synth_val_tokens=1 << 14,
     ),
     # Seconds: exercises every code path (fp8 head, accumulation, masks, eval, checkpoint).
     "smoke": dict(

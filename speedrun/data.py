@@ -280,7 +280,7 @@ class SyntheticSpec:
     entropy rate, the lowest loss any model can reach on the stream.
     """
     seed: int = 1337
-    vocab: int = 16
+    vocab: int = 12
     order: int = 2
     branching: int = 3
     mean_doc_len: float = 96.0

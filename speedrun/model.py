@@ -60,14 +60,14 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Config, max_len: int):
+    def __init__(self, cfg: Config, rotary: Rotary):
         super().__init__()
         self.num_heads, self.head_dim, self.scale = cfg.num_heads, cfg.head_dim, cfg.attn_scale
         inner = cfg.num_heads * cfg.head_dim
         self.qkv_w = nn.Parameter(linear_init_(torch.empty(3, inner, cfg.model_dim), cfg.model_dim))
         self.proj_w = nn.Parameter(torch.zeros(cfg.model_dim, inner))
         self.lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))  # v = l0*v + l1*ve
-        self.rotary = Rotary(cfg.head_dim, max_len)
+        self.rotary = rotary  # one table shared by all layers
 
     def forward(self, x, ve, mask, kind):
         T, H, hd = x.size(0), self.num_heads, self.head_dim
@@ -92,9 +92,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int, max_len: int):
+    def __init__(self, cfg: Config, layer: int, rotary: Rotary):
         super().__init__()
-        self.attn = None if layer in cfg.no_attention_layers else Attention(cfg, max_len)
+        self.attn = None if layer in cfg.no_attention_layers else Attention(cfg, rotary)
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))  # x = l0*x + l1*x0
 
@@ -111,11 +111,11 @@ class GPT(nn.Module):
         self.cfg = cfg
         dtype = DTYPES[cfg.dtype]
         L, n_ve = cfg.num_layers, cfg.num_value_embeds
-        max_len = max(cfg.seq_len, cfg.val_seq_len)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.model_dim, dtype=dtype)
         self.value_embeds = nn.ModuleList(
             nn.Embedding(cfg.vocab_size, cfg.num_heads * cfg.head_dim, dtype=dtype) for _ in range(n_ve))
-        self.blocks = nn.ModuleList(Block(cfg, i, max_len) for i in range(L))
+        rotary = Rotary(cfg.head_dim, max(cfg.seq_len, cfg.val_seq_len))
+        self.blocks = nn.ModuleList(Block(cfg, i, rotary) for i in range(L))
         self.skip_weights = nn.Parameter(torch.ones(L // 2))
         self.lm_head_w = nn.Parameter(torch.zeros(cfg.padded_vocab, cfg.model_dim))
         # ve_i feeds layer i and layer L - n_ve + i (the U-net mirror); the middle layers get none.

@@ -295,8 +295,8 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
         f"kernels backend {cfg.backend}, attention {model.attention_kind(device)}, data {cfg.data_dir} "
         f"({len(train_files)} train shard(s)), out {out}" + (f", resumed at step {step}" if step else ""))
     if source:
-        say(f"synthetic source: entropy {source['entropy_nats_per_token']:.4f} nats/token "
-            f"(the lowest reachable val loss)")
+        say(f"synthetic source: entropy {source['entropy_nats_per_token']:.4f} nats/token (the lowest reachable "
+            f"val loss); {source.get('bigram_floor', float('nan')):.4f} without attending past the last token")
 
     def checkpoint(at_step: int) -> None:
         nonlocal last_ckpt
@@ -315,7 +315,8 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
 
     val_loss = None
     if step == 0 and cfg.val_at_start:
-        val_loss, n_val = evaluate(run_model, cfg, val_files, rank, world_size, device, window_blocks(0, cfg.window_max_tokens, cfg.attn_block))
+        window = window_blocks(0.0, cfg.window_max_tokens, cfg.attn_block)
+        val_loss, n_val = evaluate(run_model, cfg, val_files, rank, world_size, device, window)
         say(f"step {0:>{len(str(cfg.num_steps))}}/{cfg.num_steps} | val loss {val_loss:.4f} ({n_val} tokens)")
         log.write({"step": 0, "val_loss": val_loss, "tokens": 0})
 
@@ -389,8 +390,11 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
                 f"--resume {ckpt_path}")
             return 0
 
+    if val_loss is None:
+        say(f"nothing to do: the run is already at step {step} of {cfg.num_steps} (raise --steps to go on)")
+        return 0
     say(f"done: {step} steps, {fmt_time(train_time)} of training, final val loss {val_loss:.4f}, checkpoint {ckpt_path}")
-    if source and val_loss is not None:
+    if source:
         H = source["entropy_nats_per_token"]
         say(f"final val loss {val_loss:.4f} nats | source entropy {H:.4f} nats/token "
             f"(true model on these val tokens: {source['val_oracle_loss']:.4f}) | gap {val_loss - H:+.4f}")

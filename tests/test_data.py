@@ -132,27 +132,58 @@ def test_stream_without_wrap_runs_out_and_too_small_shards(tmp_path):
 # Synthetic corpus
 # ---------------------------------------------------------------------------
 
-SMALL = data.SyntheticSpec(seed=5, vocab=12, branching=2, mean_doc_len=20.0, train_tokens=40_000, val_tokens=20_000)
+SMALL = data.SyntheticSpec(seed=5, vocab=12, order=2, branching=2, mean_doc_len=20.0, train_tokens=40_000,
+                           val_tokens=20_000)
 
 
-def _entropy_rate_float64(P):
-    """Independent check: stationary distribution by power iteration, entropy in float64."""
-    pi = np.full(P.shape[0], 1.0 / P.shape[0])
-    for _ in range(5000):
-        pi = pi @ P
-    logs = np.log(np.where(P > 0, P, 1.0))
-    return float(-(pi[:, None] * P * logs).sum())
+def _context_chain(src):
+    """Transition matrix over contexts (prev2, prev1), built with plain loops."""
+    n = src.n
+    T = np.zeros((n * n, n * n))
+    for prev2 in range(n):
+        for prev1 in range(n):
+            c = prev2 * n + prev1 if src.spec.order == 2 else prev1
+            for nxt in range(n):
+                T[prev2 * n + prev1, prev1 * n + nxt] += src.Q[c, nxt]
+    return T
+
+
+def _entropy_rate_by_power_iteration(src):
+    T = _context_chain(src)
+    pi = np.full(T.shape[0], 1.0 / T.shape[0])
+    for _ in range(3000):
+        pi = pi @ T
+    n = src.n
+    Q2 = src.Q if src.spec.order == 2 else np.tile(src.Q, (n, 1))  # row prev2*n + prev1
+    logs = np.log(np.where(Q2 > 0, Q2, 1.0))
+    return float(-(pi[:, None] * Q2 * logs).sum())
 
 
 def test_synthetic_chain_structure_and_entropy():
     src = data.SyntheticSource(SMALL)
-    P = src.P
-    assert P.shape == (13, 13) and np.allclose(P.sum(1), 1.0)
-    assert src.token_ids[0] == data.EOT and len(set(src.token_ids.tolist())) == 13
-    assert P[0, 0] == 0 and (P[0, 1:] > 0).all()                       # documents are never empty
-    assert ((P[1:, 1:] > 0).sum(1) == SMALL.branching).all()            # sparse successors
-    assert np.allclose(P[1:, 0], 1 / (SMALL.mean_doc_len - 1))          # end-of-document hazard
-    assert src.entropy_rate() == pytest.approx(_entropy_rate_float64(P), rel=1e-9)
+    n, Q = 13, src.Q
+    assert Q.shape == (n * n, n) and np.allclose(Q.sum(1), 1.0)
+    assert src.token_ids[0] == data.EOT and len(set(src.token_ids.tolist())) == n
+    after_eot = np.arange(n * n) % n == 0
+    assert (Q[after_eot] == Q[0]).all()                                     # a document start forgets the past
+    assert Q[0, 0] == 0 and (Q[0, 1:] > 0).all()                            # documents are never empty
+    assert ((Q[~after_eot, 1:] > 0).sum(1) == SMALL.branching).all()        # sparse successors per context
+    assert np.allclose(Q[~after_eot, 0], 1 / (SMALL.mean_doc_len - 1))      # end-of-document hazard
+    # Successor sets depend on the token two back: order 2 is real.
+    assert len({tuple(np.flatnonzero(Q[a * n + 1])) for a in range(n)}) > 1
+    assert src.entropy_rate() == pytest.approx(_entropy_rate_by_power_iteration(src), rel=1e-9)
+    order1 = data.SyntheticSource(data.SyntheticSpec(**{**SMALL.__dict__, "order": 1}))
+    assert order1.Q.shape == (n, n)
+    assert order1.entropy_rate() == pytest.approx(_entropy_rate_by_power_iteration(order1), rel=1e-9)
+    assert order1.bigram_floor() == pytest.approx(order1.entropy_rate(), rel=1e-9)
+
+
+def _conditional_entropy(states, n):
+    joint = np.zeros((n, n))
+    np.add.at(joint, (states[:-1], states[1:]), 1.0)
+    cond = joint / joint.sum(1, keepdims=True).clip(1)
+    logs = np.log(np.where(cond > 0, cond, 1.0))
+    return float(-(joint * logs).sum() / joint.sum())
 
 
 def test_synthetic_samples_match_the_chain():
@@ -161,8 +192,12 @@ def test_synthetic_samples_match_the_chain():
     assert states[0] == 0 and len(states) == 200_000
     # Every transition is one the chain allows, and the empirical loss of the true model
     # converges to the entropy rate (sd of the mean ~ 1/sqrt(n) ~ 0.003 here).
-    assert (src.P[states[:-1], states[1:]] > 0).all()
+    ctx = src.contexts(states)
+    assert (src.Q[ctx[1:], states[1:]] > 0).all()
     assert src.oracle_loss(states) == pytest.approx(src.entropy_rate(), abs=0.02)
+    # The best model that sees only the previous token does much worse, as computed.
+    assert _conditional_entropy(states, src.n) == pytest.approx(src.bigram_floor(), abs=0.02)
+    assert src.bigram_floor() > src.entropy_rate() + 0.3
     # Document lengths (EOT included) have the configured mean: no length bias from the sampler.
     starts = np.flatnonzero(states == 0)
     assert np.diff(starts).mean() == pytest.approx(SMALL.mean_doc_len, rel=0.05)

@@ -81,6 +81,7 @@ def test_flex_block_mask_gives_the_dense_mask(T, block, window, p, eot_at):
             assert dense_mask(tokens, window, block)[q * block:(q + 1) * block, k * block:(k + 1) * block].all()
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_forward_matches_sdpa_on_cpu():
     # FlexAttention has no CPU backward, but its (eager) forward runs: the same mask gives the same output.
     from torch.nn.attention.flex_attention import flex_attention
@@ -214,6 +215,7 @@ def _run(capsys, *args):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_smoke_run_log_and_checkpoint(tmp_path, smoke_data, capsys):
     code, out, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path))
     assert code == 0, err
@@ -230,6 +232,7 @@ def test_smoke_run_log_and_checkpoint(tmp_path, smoke_data, capsys):
     assert ckpt["step"] == 4 and ckpt["data"]["pos"] > 0 and ckpt["config"]["preset"] == "smoke"
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, smoke_data, capsys):
     common = ["--data", str(smoke_data), "--steps", "6", "--val_every", "3"]
     full, part = tmp_path / "full", tmp_path / "part"
@@ -249,6 +252,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, smoke_data, c
         assert torch.equal(tensor, b["model"][name]), name
 
 
+@pytest.mark.slow
 def test_resume_rejects_a_changed_model(tmp_path, smoke_data, capsys):
     assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
     code, _, err = _run(capsys, "--resume", str(tmp_path / "checkpoint.pt"), "--model_dim=64")
@@ -276,6 +280,7 @@ def test_corrupt_shard_is_named(tmp_path, smoke_data, capsys):
     assert code == 2 and str(shard) in err and "truncated or corrupt" in err
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smoke_data, capsys):
     code, out, _ = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "6",
                         "--checkpoint_every", "2", "--inject_nan_step", "5")
@@ -293,6 +298,7 @@ def _torchrun(nproc, out, smoke_data, timeout=300):
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
     # 1 process accumulates two 128-token passes; 2 processes take one each and average the
     # gradients with gloo. Same tokens per step, so the same losses up to float rounding.
@@ -308,3 +314,17 @@ def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-4), (key, x, y)
     assert a[-1]["val_loss"] < a[0]["val_loss"] - 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("SPEEDRUN_CPU_DEMO") != "1",
+                    reason="about 2 minutes of both cores: set SPEEDRUN_CPU_DEMO=1 to run the README's main command")
+def test_cpu_demo_reaches_the_source_entropy(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(["bash", "run.sh", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((tmp_path / "d" / "synthetic_source.json").read_text())
+    final = _log(tmp_path / "o")[-1]
+    assert final["step"] == 150 and final["val_loss"] - info["entropy_nats_per_token"] < 0.3
+    assert "source entropy" in res.stdout
