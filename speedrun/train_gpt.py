@@ -12,6 +12,7 @@ every --checkpoint_every steps). Exit codes: 0 done, 2 bad input or setup,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import kernels
 from kernels.muon import Muon
 from speedrun import data
-from speedrun.config import PRESETS, build_config, parse_overrides
+from speedrun.config import PRESETS, Config, build_config, parse_overrides
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
 from speedrun.model import GPT
 
@@ -64,15 +65,29 @@ def muon_momentum(step: int, cfg) -> float:
 # Setup
 # ---------------------------------------------------------------------------
 
+def _fields_help() -> str:
+    defaults = Config()
+    return "config fields (record defaults): " + ", ".join(
+        f"{f.name}={getattr(defaults, f.name)!r}" for f in dataclasses.fields(Config))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m speedrun.train_gpt", description="Train the speedrun GPT.",
-        epilog="Any field of speedrun.config.Config can be overridden with --name=value "
-               "(e.g. --model_dim=128 --val_every=50). Aliases: --steps = --num_steps, --data = --data_dir.")
+        epilog="Any config field can be overridden with --name=value (e.g. --model_dim=128 --val_every=50). "
+               + _fields_help())
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: record")
-    parser.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    parser.add_argument("--resume", default=None, help="checkpoint.pt to continue from (its config is the base)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (num_steps)")
+    parser.add_argument("--seed", type=int, default=None, help="model init seed")
+    parser.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
+    parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"], default=None,
+                        help="kernels backend for every op (auto: $KERNELS_BACKEND or the best here)")
+    parser.add_argument("--data", default=None, help="directory of *_train_*.bin / *_val_*.bin shards (data_dir)")
     known, rest = parser.parse_known_args(argv)
-    overrides = parse_overrides(rest)
+    named = {"num_steps": known.steps, "seed": known.seed, "out": known.out, "backend": known.backend,
+             "data_dir": known.data}
+    overrides = {**parse_overrides(rest), **{k: v for k, v in named.items() if v is not None}}
     base = None
     if known.resume:
         ckpt = load_checkpoint(known.resume)

@@ -5,16 +5,14 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from speedrun import data
 from speedrun.attention import block_mask_to_dense, dense_mask, flex_block_mask
-from speedrun.config import PRESETS, build_config, parse_overrides
+from speedrun.config import build_config, parse_overrides
 from speedrun.model import GPT
 from speedrun.train_gpt import lr_multiplier, main, muon_momentum, window_blocks
 
