@@ -61,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_impl._tiles import grouped_tile
+
 E4M3_MAX = 448.0
 E5M2_MAX = 57344.0
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -476,12 +478,7 @@ def _fp8_matmul_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M consecutive programs share B's column block, read from L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

@@ -41,6 +41,8 @@ import triton.language as tl
 import triton.runtime.errors
 import triton.testing
 
+from kernels.triton_impl._tiles import grouped_tile
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -162,17 +164,11 @@ def _axpy_matmul_kernel(
     INTERPRET: tl.constexpr,  # see _sym_gram_kernel
     ROUND_OUT: tl.constexpr,
 ):
-    # Grouped ordering: GROUP_M row-blocks share their column blocks of X in L2.
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_impl._tiles import grouped_tile
+
 EPILOGUE_NONE = 0
 EPILOGUE_RELU_SQUARE = 1       # C = relu(acc)²
 EPILOGUE_RELU_SQUARE_GRAD = 2  # C = acc·2·sqrt(aux), aux = post with C's shape
@@ -61,14 +63,7 @@ def _matmul_epilogue_kernel(
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M consecutive programs share a column block of B, so
-    # its tiles are read from L2 rather than HBM.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
