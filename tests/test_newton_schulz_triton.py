@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from oracles import f64_newton_schulz
+
 QUINTIC = (3.4445, -4.7750, 2.0315)
 BF16_HALF_ULP = 2.0**-8  # relative rounding error bound of one bf16 rounding
 FP32_ACC = 1e-5          # bound on fp32 accumulation error relative to sum |terms| (k <= a few thousand)
@@ -49,18 +51,6 @@ def _assert_within(out, ref, bound, what):
     worst = int(excess.argmax())
     assert excess.max() <= 0, (f"{what}: error {float((out64 - ref).abs().flatten()[worst]):.3g} exceeds bound "
                                f"{float(bound.flatten()[worst]):.3g} at flat index {worst}")
-
-
-def _f64_iteration(G, coefficients, norm_scale=1.0, eps=1e-7):
-    """The iteration in float64 throughout: the truth both implementations are measured against."""
-    X = G.double() / (norm_scale * torch.linalg.vector_norm(G.double(), dim=(-2, -1), keepdim=True) + eps)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
-    for a, b, c in coefficients:
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
-    return X.mT if tall else X
 
 
 def _rel_err(x, truth):
@@ -182,7 +172,7 @@ def test_iteration_vs_float64(tn, triton_device, shape, steps):
     X = tn._iterate(G, coefficients, 1.0, 1e-7, out)
     assert X.data_ptr() == out.data_ptr()
     assert torch.isfinite(X).all()
-    truth = _f64_iteration(G.cpu(), coefficients).to(triton_device)
+    truth = f64_newton_schulz(G.cpu(), coefficients).to(triton_device)
     err = _rel_err(X, truth)
     ref_err = _rel_err(_bf16_reference(G, coefficients, 1.0, 1e-7), truth)
     assert err <= 2 * ref_err + 1e-4, f"triton error {err:.3g} vs bf16 reference error {ref_err:.3g}"
@@ -195,7 +185,7 @@ def test_forward_dtypes(tn, triton_device, dtype):
     G = _randn((2, 21, 40), 7, triton_device, dtype)
     X = tn.forward(G, [QUINTIC] * 2, 1.0, 1e-7)
     assert X.dtype == dtype and X.shape == G.shape and X.is_contiguous()
-    truth = _f64_iteration(G.cpu().double(), [QUINTIC] * 2).to(triton_device)
+    truth = f64_newton_schulz(G.cpu().double(), [QUINTIC] * 2).to(triton_device)
     ref_err = _rel_err(_bf16_reference(G, [QUINTIC] * 2, 1.0, 1e-7), truth)
     assert _rel_err(X, truth) <= 2 * ref_err + 1e-4
 
@@ -227,7 +217,7 @@ def test_public_api_triton_backend(triton_device):
         norm_scale = 1.02 if coefficients == "polar_express" else 1.0
         from kernels.newton_schulz import resolve_coefficients
         per_step, _ = resolve_coefficients(coefficients, 2)
-        truth = _f64_iteration(G.cpu().reshape(4, 21, 34), per_step, norm_scale).reshape(G.shape).to(triton_device)
+        truth = f64_newton_schulz(G.cpu().reshape(4, 21, 34), per_step, norm_scale).reshape(G.shape).to(triton_device)
         assert _rel_err(X, truth) <= 2 * _rel_err(ref, truth) + 1e-4
 
 
@@ -253,7 +243,7 @@ def test_batch_chunking(tn, triton_device, monkeypatch):
     monkeypatch.setattr(tn, "_MAX_GRID_BATCH", 2)
     G = _randn((5, 19, 30), 13, triton_device)
     X = tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, _poison(G.shape, triton_device, torch.float32))
-    truth = _f64_iteration(G.cpu(), [QUINTIC] * 2).to(triton_device)
+    truth = f64_newton_schulz(G.cpu(), [QUINTIC] * 2).to(triton_device)
     assert _rel_err(X, truth) <= 2 * _rel_err(_bf16_reference(G, [QUINTIC] * 2), truth) + 1e-4
     for i in range(5):  # every chunk written, including the short last one
         assert _rel_err(X[i], truth[i]) < 0.05
@@ -278,7 +268,7 @@ def test_tuner_picks_fastest_and_stays_correct(tn, triton_device, monkeypatch):
     X = tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, _poison(G.shape, triton_device, torch.float32))
     (gram, poly, axpy), = tn.tuned_configs().values()
     assert gram == tn.GRAM_CANDIDATES[1] and poly == tn.GRAM_CANDIDATES[3] and axpy == tn.AXPY_CANDIDATES[4]
-    truth = _f64_iteration(G.cpu(), [QUINTIC] * 2).to(triton_device)
+    truth = f64_newton_schulz(G.cpu(), [QUINTIC] * 2).to(triton_device)
     assert _rel_err(X, truth) <= 2 * _rel_err(_bf16_reference(G, [QUINTIC] * 2), truth) + 1e-4
     tn._iterate(G, [QUINTIC] * 2, 1.0, 1e-7, torch.empty_like(G))  # cached: no more timings consumed
     assert next(timings, "done") == "done"
@@ -341,7 +331,7 @@ def test_gpu_iteration_vs_float64(tn, shape):
     coefficients = [QUINTIC] * 5
     out = _poison(shape, "cuda")
     X = tn._iterate(G, coefficients, 1.0, 1e-7, out)
-    truth = _f64_iteration(G.double(), coefficients)
+    truth = f64_newton_schulz(G.double(), coefficients)
     ref = _bf16_reference(G, coefficients)
     err, ref_err = _rel_err(X, truth), _rel_err(ref, truth)
     assert err <= 2 * ref_err, f"triton error {err:.3g} vs bf16 reference error {ref_err:.3g}"
@@ -380,7 +370,7 @@ def test_gpu_public_api_dtypes(dtype):
     G = _randn((12, 768, 3072), 22, "cpu").cuda().to(dtype)
     X = kernels.newton_schulz(G, backend="triton")
     assert X.dtype == dtype and X.shape == G.shape
-    truth = _f64_iteration(G.double(), [QUINTIC] * 5)
+    truth = f64_newton_schulz(G.double(), [QUINTIC] * 5)
     ref = kernels.newton_schulz(G, backend="reference")
     assert _rel_err(X, truth) <= 2 * _rel_err(ref, truth)
 
