@@ -1,0 +1,240 @@
+"""Bucketed reduce-scatter + sharded Muon/Adam (speedrun.grad_sync, speedrun.sharded_optim).
+
+The multi-process tests spawn 2 or 4 CPU processes with gloo and a FileStore
+rendezvous (no port), train a tiny model whose shapes are not multiples of the
+world size, and compare the parameters with a single-process run of the plain
+optimizers (torch.optim.Adam + kernels.muon.Muon) on the same global batch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from kernels.muon import Muon
+from speedrun.grad_sync import GradSync
+from speedrun.sharded_optim import ShardedAdam, ShardedMuon
+
+STEPS, ACCUM, BATCH, DIM = 3, 2, 8, 7  # BATCH: samples per micro-step across all ranks
+
+
+class Tiny(torch.nn.Module):
+    """Odd shapes: three [5, 7] banks (one 3-D), a [7, 5] matrix, an embedding, scalars, and unused parameters."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        r = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=g) * 0.3)  # noqa: E731
+        self.emb = r(11, DIM)
+        self.w1, self.w2 = r(5, DIM), r(5, DIM)
+        self.w3 = r(3, 5, DIM)
+        self.w4 = r(DIM, 5)
+        self.scale = r(3)
+        self.unused_mat = r(5, DIM)   # never in the graph: no gradient on any rank
+        self.unused_vec = r(6)
+
+    def forward(self, idx, x, y):
+        h = self.emb[idx] + x
+        a = torch.relu(h @ self.w1.T) * self.scale[0] + torch.tanh(h @ self.w2.T) * self.scale[1]
+        a = a + (h @ self.w3.transpose(1, 2)).sum(0) * self.scale[2]
+        out = a @ self.w4.T
+        return ((out - y) ** 2).mean()
+
+    def groups(self):
+        muon = [self.w1, self.w2, self.w3, self.w4, self.unused_mat]
+        return muon, [self.emb], [self.scale, self.unused_vec]
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS * ACCUM):
+        yield (torch.randint(0, 11, (BATCH,), generator=g), torch.randn(BATCH, DIM, generator=g),
+               torch.randn(BATCH, DIM, generator=g))
+
+
+def plain_run():
+    model = Tiny()
+    muon, emb, scal = model.groups()
+    adam = torch.optim.Adam([dict(params=emb, lr=0.05), dict(params=scal, lr=0.02)], betas=(0.8, 0.95), eps=1e-10)
+    mu = Muon(muon, lr=0.05, momentum=0.9)
+    data = list(batches())
+    for s in range(STEPS):
+        for m in range(ACCUM):
+            (model(*data[s * ACCUM + m]) / ACCUM).backward()
+        adam.step()
+        mu.step()
+        model.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def sharded_run(rank, world_size, bucket_bytes, overlap):
+    model = Tiny()
+    muon, emb, scal = model.groups()
+    sync = GradSync(bucket_bytes=bucket_bytes, overlap=overlap)
+    adam = ShardedAdam([dict(params=emb, lr=0.05), dict(params=scal, lr=0.02)], sync, betas=(0.8, 0.95), eps=1e-10)
+    mu = ShardedMuon(muon, sync, lr=0.05, momentum=0.9)
+    sync.build(model.parameters())
+    data = list(batches())
+    per = BATCH // world_size
+    for s in range(STEPS):
+        for m in range(ACCUM):
+            idx, x, y = (t[rank * per:(rank + 1) * per] for t in data[s * ACCUM + m])
+            if m == ACCUM - 1:
+                sync.arm()
+            (model(idx, x, y) / ACCUM).backward()
+        sync.finish()
+        adam.step()
+        mu.step()
+        model.zero_grad(set_to_none=True)
+    return model, sync, [adam, mu]
+
+
+def _worker(rank, world_size, store_path, out_dir, mode, bucket_bytes, overlap):
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        if mode == "die":
+            model, sync, opts = sharded_run(rank, world_size, bucket_bytes, overlap)
+            if rank == world_size - 1:
+                os._exit(7)  # a crash: no goodbye to the others
+            t0 = time.monotonic()
+            try:
+                sharded_run(rank, world_size, bucket_bytes, overlap)
+                result = {"error": None}
+            except Exception as e:  # noqa: BLE001 - any collective error is the expected outcome
+                result = {"error": f"{type(e).__name__}: {e}"[:300]}
+            result["seconds"] = time.monotonic() - t0
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            os._exit(3 if result["error"] else 0)
+        model, sync, opts = sharded_run(rank, world_size, bucket_bytes, overlap)
+        states = [opt.state_dict() for opt in opts]
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        result = {"params": {k: v.detach().clone() for k, v in model.named_parameters()},
+                  "launch_log": [[name_of[i] for i in step] for step in sync.launch_log],
+                  "n_buckets": len(sync.buckets), "states": states, "timings": sync.timings()}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(world_size, tmp_path, mode="train", bucket_bytes=64, overlap=True, timeout=90):
+    ctx = mp.get_context("spawn")
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store, str(tmp_path), mode, bucket_bytes, overlap))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    assert not alive, f"{len(alive)} process(es) still running after {timeout} s (a hang)"
+    return [p.exitcode for p in procs], [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=False) if (tmp_path / f"rank{r}.pt").exists() else None
+        for r in range(world_size)]
+
+
+# ---------------------------------------------------------------------------
+# Single process
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bucket_bytes", [1, 200, 1 << 20])
+@pytest.mark.parametrize("overlap", [True, False])
+def test_single_process_matches_plain_optimizers_exactly(bucket_bytes, overlap):
+    ref = plain_run()
+    model, sync, _ = sharded_run(0, 1, bucket_bytes, overlap)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), ref[name]), name
+    assert not torch.equal(ref["w1"], Tiny().w1.detach())  # the run did move the weights
+
+
+def test_every_parameter_is_reduced_once_per_step():
+    model, sync, _ = sharded_run(0, 1, 100, True)
+    ids = sorted(id(p) for p in model.parameters())
+    assert len(sync.launch_log) == STEPS
+    for step in sync.launch_log:
+        assert sorted(step) == ids
+
+
+def test_buckets_respect_size_units_and_padding():
+    model = Tiny()
+    muon, emb, scal = model.groups()
+    sync = GradSync(bucket_bytes=1)
+    ShardedAdam([dict(params=emb), dict(params=scal)], sync)
+    muon_opt = ShardedMuon(muon, sync, lr=0.1)
+    sync.world_size = 4  # layout only: no collective is issued below
+    sync.build(model.parameters())
+    assert len(sync.buckets) == len(list(model.parameters()))  # 1 byte: one parameter per bucket
+    for b in sync.buckets:
+        assert b.numel % (4 * b.unit) == 0 and b.numel >= sum(p.numel() for p in b.params)
+        assert b.unit == (1 if b.owner is not muon_opt else b.params[0].shape[-2] * b.params[0].shape[-1])
+    w3 = next(b for b in sync.buckets if b.params[0] is model.w3)
+    assert w3.unit == 35 and w3.numel == 4 * 35  # 3 matrices padded to 4: one per rank
+
+
+def test_second_backward_in_one_step_is_an_error():
+    model = Tiny()
+    muon, emb, scal = model.groups()
+    sync = GradSync(bucket_bytes=1 << 20)
+    ShardedAdam([dict(params=emb + scal)], sync)
+    ShardedMuon(muon, sync, lr=0.1)
+    sync.build(model.parameters())
+    idx, x, y = next(batches())
+    sync.arm()
+    model(idx, x, y).backward()
+    with pytest.raises(RuntimeError, match="arrived twice"):
+        model(idx, x, y).backward()
+
+
+def test_register_twice_is_an_error():
+    model = Tiny()
+    sync = GradSync()
+    ShardedAdam([model.scale], sync)
+    ShardedAdam([model.scale], sync)
+    with pytest.raises(ValueError, match="registered twice"):
+        sync.build()
+
+
+# ---------------------------------------------------------------------------
+# Several processes (gloo)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world_size,bucket_bytes,overlap", [(2, 64, True), (2, 1 << 20, False), (4, 200, True)])
+def test_sharded_run_matches_single_process(tmp_path, world_size, bucket_bytes, overlap):
+    ref = plain_run()
+    codes, results = launch(world_size, tmp_path, bucket_bytes=bucket_bytes, overlap=overlap)
+    assert codes == [0] * world_size
+    names = [n for n, _ in Tiny().named_parameters()]
+    for res in results:
+        for name in names:
+            torch.testing.assert_close(res["params"][name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+        # every parameter reduced exactly once per step, in the same order on every rank
+        assert len(res["launch_log"]) == STEPS
+        for step in res["launch_log"]:
+            assert sorted(step) == sorted(names)
+        assert res["launch_log"] == results[0]["launch_log"]
+    # the gathered optimizer state is the same everywhere and unsharded
+    for a, b in zip(results[0]["states"], results[-1]["states"]):
+        for idx in a["state"]:
+            for key, t in a["state"][idx].items():
+                assert torch.equal(t, b["state"][idx][key])
+    assert results[0]["timings"]["comm_total_ms"] > 0
+
+
+def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
+    codes, results = launch(2, tmp_path, mode="die", timeout=60)
+    assert codes[1] == 7
+    assert codes[0] == 3, codes
+    assert results[0]["error"] and results[0]["seconds"] < 30, results[0]
