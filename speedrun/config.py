@@ -54,6 +54,10 @@ class Config:
     fp8_scales: str = "static"          # static (the record's, scaled to model_dim) or dynamic
     compile: bool = False               # torch.compile the whole model
     threads: int = 0                    # torch CPU threads (0: torch's default)
+    # --- communication (speedrun/grad_sync.py) ------------------------------------
+    overlap_comm: bool = True           # reduce-scatter each bucket during backward (false: after backward)
+    bucket_mb: float = 25.0             # gradient bucket size, MiB
+    dist_timeout_s: float = 300.0       # a collective waiting longer fails (a dead rank stops the others)
     # --- optimisation ---------------------------------------------------------------
     lr_head: float = 0.22
     lr_embed: float = 0.6
@@ -105,6 +109,8 @@ class Config:
         need(self.fp8_scales in ("static", "dynamic"), "fp8_scales", "expected static or dynamic")
         need(0.0 <= self.cooldown_frac <= 1.0, "cooldown_frac", "expected a fraction in [0, 1]")
         need(self.checkpoint_every >= 0 and self.stop_after >= 0, "checkpoint_every", "expected >= 0")
+        need(self.bucket_mb > 0, "bucket_mb", "expected > 0")
+        need(self.dist_timeout_s > 0, "dist_timeout_s", "expected > 0")
         return self
 
     def grad_accum(self, world_size: int) -> int:

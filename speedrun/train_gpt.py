@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -24,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from kernels.muon import Muon
 from speedrun import data
 from speedrun.config import PRESETS, Config, build_config, parse_overrides
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
+from speedrun.sharded_optim import ShardedAdam, ShardedMuon
 from speedrun.model import GPT
 
 # Fields a resumed run may not change: they define the parameters or the token stream.
@@ -104,19 +105,25 @@ def parse_args(argv):
     return cfg, ckpt, known.resume
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process."""
+def setup_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is a single process.
+
+    ``timeout_s`` bounds every collective: a rank that dies makes the others fail
+    after at most this long instead of hanging (gloo usually notices the closed
+    connection at once).
+    """
     use_cuda = torch.cuda.is_available()
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, torch.device("cuda" if use_cuda else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(seconds=timeout_s)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     rank, world_size = world()
     return rank, world_size, device
 
@@ -148,32 +155,39 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
     return train_files, val_files, data.read_source_info(data_dir) if cfg.synthetic else None
 
 
-def build_optimizers(model: GPT, cfg) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], GradSync]:
+    """Adam and Muon, each sharded over the ranks, fed by one GradSync (its buckets, its hooks).
+
+    With one process the shards are whole and no collective runs: the updates are
+    those of torch.optim.Adam and kernels.muon.Muon, bit for bit (tests/test_grad_sync.py).
+    """
     groups = model.param_groups()
+    grad_sync = GradSync(bucket_bytes=max(1, int(cfg.bucket_mb * 2**20)), overlap=cfg.overlap_comm)
     adam_groups = [dict(params=groups["head"], lr=cfg.lr_head), dict(params=groups["embed"], lr=cfg.lr_embed),
                    dict(params=groups["scalar"], lr=cfg.lr_scalar)]
-    fused = next(model.parameters()).is_cuda
-    adam = torch.optim.Adam(adam_groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=fused)
-    muon = Muon(groups["muon"], lr=cfg.lr_muon, momentum=cfg.muon_momentum, nesterov=True, ns_steps=cfg.ns_steps,
-                coefficients="quintic", backend=None if cfg.backend == "auto" else cfg.backend)
+    adam = ShardedAdam(adam_groups, grad_sync, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    muon = ShardedMuon(groups["muon"], grad_sync, lr=cfg.lr_muon, momentum=cfg.muon_momentum, nesterov=True,
+                       ns_steps=cfg.ns_steps, coefficients="quintic",
+                       backend=None if cfg.backend == "auto" else cfg.backend)
+    grad_sync.build(model.parameters())
     optimizers = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
-    return optimizers
+    return optimizers, grad_sync
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints and the log
 # ---------------------------------------------------------------------------
 
-def save_checkpoint(path: Path, step: int, model, optimizers, stream, cfg, world_size: int) -> None:
+def save_checkpoint(path: Path, step: int, model, optimizer_states, stream, cfg, world_size: int) -> None:
     state = {
         "step": step,
         "config": {k: v for k, v in vars(cfg).items()},
         "world_size": world_size,
         "model": model.state_dict(),
-        "optimizers": [opt.state_dict() for opt in optimizers],
+        "optimizers": optimizer_states,  # unsharded (gathered on every rank beforehand)
         "data": stream.state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -270,7 +284,7 @@ def approx_flops_per_token(model: GPT, cfg, window: int) -> float:
 def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(cfg.dist_timeout_s)
     master = rank == 0
 
     def say(msg: str) -> None:
@@ -295,9 +309,8 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
     broadcast_parameters(model)
-    optimizers = build_optimizers(model, cfg)
+    optimizers, grad_sync = build_optimizers(model, cfg)
     stream = data.TokenStream(train_files, world_size * cfg.seq_len, rank, world_size, cfg.vocab_size)
-    grad_sync = GradSync(model.parameters())
     step = restore(ckpt, model, optimizers, stream, world_size, say) if ckpt else 0
     run_model = torch.compile(model, dynamic=False) if cfg.compile else model
     log = JsonlLog(out / "log.jsonl", step, master)
@@ -315,8 +328,9 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
 
     def checkpoint(at_step: int) -> None:
         nonlocal last_ckpt
+        states = [opt.state_dict() for opt in optimizers]  # a collective: the shards are gathered
         if master:
-            save_checkpoint(ckpt_path, at_step, model, optimizers, stream, cfg, world_size)
+            save_checkpoint(ckpt_path, at_step, model, states, stream, cfg, world_size)
         if dist.is_initialized():
             dist.barrier()
         last_ckpt = (ckpt_path, at_step)
@@ -350,14 +364,16 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         local_loss = torch.zeros((), device=device)
-        for _ in range(accum):
+        for micro in range(accum):
             inputs, targets = stream.next_batch(device)
+            if micro == accum - 1:
+                grad_sync.arm()  # only the last micro-step's backward communicates
             loss = run_model(inputs, targets, window)
             if step + 1 == cfg.inject_nan_step:
                 loss = loss * float("nan")
             (loss / accum).backward()  # the record's gradient scale: sum over tokens, mean over 8 passes
             local_loss += loss.detach()
-        grad_sync.sync()
+        grad_sync.finish()  # launches what backward did not (all of it with --overlap_comm=false)
         train_loss = float(all_reduce_mean(local_loss)) / (accum * cfg.seq_len)
         step += 1
         if not math.isfinite(train_loss):
@@ -372,7 +388,8 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
         train_time += dt
 
         entry = {"step": step, "train_loss": train_loss, "lr": lr_mult, "step_ms": 1000 * dt,
-                 "tokens": step * cfg.batch_tokens, "tokens_per_s": cfg.batch_tokens / dt, "window_blocks": window}
+                 "tokens": step * cfg.batch_tokens, "tokens_per_s": cfg.batch_tokens / dt, "window_blocks": window,
+                 **grad_sync.timings()}
         if device.type == "cuda":
             flops = approx_flops_per_token(model, cfg, window) * cfg.batch_tokens
             entry["mfu"] = flops / dt / (cfg.peak_tflops * 1e12 * world_size)
@@ -391,6 +408,8 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
                     f"{1000 * dt:.0f} ms | {cfg.batch_tokens / dt / 1000:.1f}k tok/s | ETA {fmt_time(eta)}")
             if "val_loss" in entry:
                 line += f" | val loss {val_loss:.4f}"
+            if world_size > 1:
+                line += f" | comm {entry['comm_exposed_ms']:.0f}/{entry['comm_total_ms']:.0f} ms exposed"
             if "mfu" in entry:
                 line += f" | MFU {100 * entry['mfu']:.1f}% | mem {entry['mem_alloc_mib']:.0f} MiB"
             say(line)
