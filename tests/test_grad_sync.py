@@ -238,3 +238,44 @@ def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     assert codes[1] == 7
     assert codes[0] == 3, codes
     assert results[0]["error"] and results[0]["seconds"] < 30, results[0]
+
+
+# ---------------------------------------------------------------------------
+# The trainer with 2 processes
+# ---------------------------------------------------------------------------
+
+def _trainer(tmp_path, out, *extra, timeout=240):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "speedrun.train_gpt", "--preset", "smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / out),
+           "--bucket_mb=0.01", "--dist_timeout_s=60", *extra]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_trainer_overlap_switch_and_sharded_resume(tmp_path):
+    # Overlap changes when the reductions run, not what they compute: the same losses bit for bit.
+    # The checkpoint holds the gathered (unsharded) optimizer state; resuming re-shards it.
+    overlapped = _trainer(tmp_path, "a", "--overlap_comm=true")
+    _trainer(tmp_path, "b", "--overlap_comm=false", "--stop_after=2")
+    resumed = _trainer(tmp_path, "b", "--overlap_comm=false", "--resume", str(tmp_path / "b" / "checkpoint.pt"))
+    steps = [e for e in overlapped if "train_loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert [e["train_loss"] for e in steps] == [e["train_loss"] for e in resumed if "train_loss" in e]
+    assert all(e["comm_total_ms"] > 0 and e["comm_exposed_ms"] >= 0 for e in steps)
+
+
+def test_finish_without_arm_is_an_error():
+    model = Tiny()
+    sync = GradSync()
+    ShardedAdam(list(model.parameters()), sync)
+    sync.build(model.parameters())
+    with pytest.raises(RuntimeError, match="without arm"):
+        sync.finish()
