@@ -17,6 +17,8 @@ all ranks issue the collectives in the same order. ``finish`` (after
 backward) launches whatever is left, counting a parameter without a gradient
 as zeros, so an unused parameter never hangs the step. The sharded
 optimizers then ``wait`` for one bucket at a time, just before they need it.
+A parameter's ``.grad`` is released once its bucket holds it: after the last
+backward of a step the gradients live in the buckets only.
 
 ``overlap=False`` runs the same step with the hooks silent: every bucket is
 filled and reduced after backward, and ``finish`` waits for all of them. The
@@ -226,6 +228,7 @@ class GradSync:
             view.zero_()  # unused on this rank: contributes zeros to the average
         else:
             view.copy_(p.grad.reshape(-1))
+            p.grad = None  # the bucket holds it now; the optimizers read the bucket (saves a model's worth)
         bucket.filled[i] = True
         bucket.pending -= 1
 
