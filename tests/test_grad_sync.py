@@ -99,11 +99,13 @@ def _worker(rank, world_size, store_path, out_dir, mode, bucket_bytes, overlap):
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, world_size)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=20))
+                            timeout=datetime.timedelta(seconds=3 if mode == "stall" else 20))
     try:
-        if mode == "die":
+        if mode in ("die", "stall"):
             model, sync, opts = sharded_run(rank, world_size, bucket_bytes, overlap)
             if rank == world_size - 1:
+                if mode == "stall":
+                    time.sleep(30)  # alive but stuck (the parent kills it): only the timeout can help
                 os._exit(7)  # a crash: no goodbye to the others
             t0 = time.monotonic()
             try:
@@ -126,7 +128,7 @@ def _worker(rank, world_size, store_path, out_dir, mode, bucket_bytes, overlap):
             dist.destroy_process_group()
 
 
-def launch(world_size, tmp_path, mode="train", bucket_bytes=64, overlap=True, timeout=90):
+def launch(world_size, tmp_path, mode="train", bucket_bytes=64, overlap=True, timeout=90, wait_for=None):
     ctx = mp.get_context("spawn")
     store = str(tmp_path / "store")
     procs = [ctx.Process(target=_worker, args=(r, world_size, store, str(tmp_path), mode, bucket_bytes, overlap))
@@ -134,8 +136,13 @@ def launch(world_size, tmp_path, mode="train", bucket_bytes=64, overlap=True, ti
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout
-    for p in procs:
+    for p in procs if wait_for is None else [procs[r] for r in wait_for]:
         p.join(max(0.1, deadline - time.monotonic()))
+    if wait_for is not None:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
@@ -238,6 +245,13 @@ def test_dead_rank_makes_the_others_fail_not_hang(tmp_path):
     assert codes[1] == 7
     assert codes[0] == 3, codes
     assert results[0]["error"] and results[0]["seconds"] < 30, results[0]
+
+
+def test_stuck_rank_makes_the_others_fail_after_the_timeout(tmp_path):
+    # rank 1 stays alive but never joins the next collective: rank 0 errors after the 3 s timeout
+    codes, results = launch(2, tmp_path, mode="stall", timeout=60, wait_for=[0])
+    assert codes[0] == 3, codes
+    assert results[0]["error"] and 2.5 < results[0]["seconds"] < 25, results[0]
 
 
 # ---------------------------------------------------------------------------
