@@ -98,6 +98,10 @@ def run(ctx) -> None:
     if not ranks:
         print("  bench_grad_sync: skipped: one GPU (needs 2 or more ranks)", flush=True)
         return
+    left = ctx.time_left()
+    if left is not None and left < 120 * len(ranks):
+        print(f"  bench_grad_sync: skipped: {left:.0f} s of budget left, about {120 * len(ranks)} s needed", flush=True)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(ranks, "record", 10, 25.0, None, Path(tmp), gpu=True)
     print(json.dumps(rows, indent=1))
