@@ -24,10 +24,7 @@ loads with any world size; it is a collective: call it on every rank.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
 
 from kernels.muon import Muon, _newton_schulz
 from speedrun.grad_sync import GradSync, all_gather
