@@ -33,6 +33,22 @@ def _newton_schulz(G, steps, coefficients, backend):
     return newton_schulz(G, steps=steps, coefficients=coefficients, backend=backend)
 
 
+def momentum_update(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+    """Advance the fp32 momentum ``buf`` in place with gradient ``g``; the update to orthogonalise."""
+    buf.lerp_(g, 1.0 - momentum)
+    return torch.lerp(g, buf, momentum) if nesterov else buf
+
+
+def orthogonal_step(updates: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+    """(orthogonalised updates, step size) for a batch ``[B, rows, cols]``: add ortho·size to the weights.
+
+    Shared by this optimizer and the sharded one of the trainer, so both apply one rule.
+    """
+    rows, cols = updates.shape[-2:]
+    ortho = _newton_schulz(updates, group["ns_steps"], group["coefficients"], group["backend"])
+    return ortho, -group["lr"] * max(1.0, rows / cols) ** 0.5
+
+
 class Muon(torch.optim.Optimizer):
     """Muon optimizer for >= 2-D weights.
 
@@ -114,16 +130,11 @@ class Muon(torch.optim.Optimizer):
                     buf = state.get("momentum_buffer")
                     if buf is None:
                         buf = state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                    buf.lerp_(g, 1.0 - momentum)
-                    updates.append(torch.lerp(g, buf, momentum) if group["nesterov"] else buf)
+                    updates.append(momentum_update(g, buf, momentum, group["nesterov"]))
 
-                rows, cols = shape[-2], shape[-1]
-                stack = torch.stack(updates).view(-1, rows, cols)
-                ortho = _newton_schulz(stack, group["ns_steps"], group["coefficients"], group["backend"])
-                ortho = ortho.view(len(params), *shape)
-
-                scale = -lr * max(1.0, rows / cols) ** 0.5
-                for p, u in zip(params, ortho):
+                stack = torch.stack(updates).view(-1, shape[-2], shape[-1])  # [n·slices, rows, cols]
+                ortho, scale = orthogonal_step(stack, group)
+                for p, u in zip(params, ortho.view(len(params), *shape)):
                     p.add_(u.to(p.dtype), alpha=scale)
         return loss
 

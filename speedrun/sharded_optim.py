@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.muon import Muon, _newton_schulz
+from kernels.muon import Muon, momentum_update, orthogonal_step
 from speedrun.grad_sync import GradSync, all_gather
 
 
@@ -218,9 +218,6 @@ class ShardedMuon(_Sharded):
         state = self._shard_state.get(bucket.index)
         if state is None:
             state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
-        buf = state["momentum_buffer"]
-        buf.lerp_(g, 1.0 - momentum)
-        update = torch.lerp(g, buf, momentum) if group["nesterov"] else buf
-        ortho = _newton_schulz(update, group["ns_steps"], group["coefficients"], group["backend"])
-        scale = -lr * max(1.0, rows / cols) ** 0.5
+        update = momentum_update(g, state["momentum_buffer"], momentum, group["nesterov"])
+        ortho, scale = orthogonal_step(update, group)
         param.view(-1, rows, cols).add_(ortho.to(param.dtype), alpha=scale)
