@@ -65,6 +65,18 @@ int sm_count(int device);
 struct e4m3 { std::uint8_t bits; };
 struct e5m2 { std::uint8_t bits; };
 
+// Bytes per element of a dtype code from kernels_api.h; 0 for an unknown code.
+inline int elem_size(int dtype) {
+  switch (dtype) {
+    case kFloat32: return 4;
+    case kFloat16:
+    case kBFloat16: return 2;
+    case kFloat8E4M3:
+    case kFloat8E5M2: return 1;
+  }
+  return 0;
+}
+
 template <typename T> struct FloatLimit;
 template <> struct FloatLimit<e4m3> { static constexpr float max = 448.0f; };
 template <> struct FloatLimit<e5m2> { static constexpr float max = 57344.0f; };

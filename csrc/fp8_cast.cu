@@ -181,17 +181,6 @@ __global__ void __launch_bounds__(kTileThreads) cast_transpose_kernel(
   }
 }
 
-int elem_size(int dtype) {
-  switch (dtype) {
-    case kFloat32: return 4;
-    case kFloat16:
-    case kBFloat16: return 2;
-    case kFloat8E4M3:
-    case kFloat8E5M2: return 1;
-  }
-  return 0;
-}
-
 template <typename T>
 void launch_amax(int device, cudaStream_t stream, ptr_t x, std::int64_t n, ptr_t amax) {
   constexpr int VEC = 16 / sizeof(T);

@@ -251,17 +251,6 @@ void dispatch_out(int device, cudaStream_t stream, const CeParams& p, std::int64
   throw std::invalid_argument("softcap_ce: unsupported dlogits dtype code " + std::to_string(out_dtype));
 }
 
-int elem_size(int dtype) {
-  switch (dtype) {
-    case kFloat32: return 4;
-    case kFloat16:
-    case kBFloat16: return 2;
-    case kFloat8E4M3:
-    case kFloat8E5M2: return 1;
-  }
-  return 0;
-}
-
 }  // namespace
 
 void softcap_ce(int device, ptr_t stream_handle, const SoftcapCEArgs& a) {
