@@ -10,7 +10,7 @@ import dataclasses
 import math
 import typing
 
-from speedrun.data import DEFAULT_FINEWEB_DIR
+from speedrun.data import DEFAULT_FINEWEB_DIR, SyntheticSpec
 
 
 @dataclasses.dataclass
@@ -75,13 +75,14 @@ class Config:
     peak_tflops: float = 989.0          # per GPU, dense bf16 (H100 SXM), for the MFU estimate
     # --- synthetic corpus (written into data_dir when ``synthetic``) ------------
     synthetic: bool = False
-    synth_seed: int = 1337
-    synth_vocab: int = 12
-    synth_order: int = 2
-    synth_branching: int = 3
-    synth_doc_len: float = 96.0
-    synth_train_tokens: int = 1 << 21
-    synth_val_tokens: int = 1 << 16
+    # defaults are SyntheticSpec's, so the CLI and the data module cannot drift apart
+    synth_seed: int = SyntheticSpec.seed
+    synth_vocab: int = SyntheticSpec.vocab
+    synth_order: int = SyntheticSpec.order
+    synth_branching: int = SyntheticSpec.branching
+    synth_doc_len: float = SyntheticSpec.mean_doc_len
+    synth_train_tokens: int = SyntheticSpec.train_tokens
+    synth_val_tokens: int = SyntheticSpec.val_tokens
 
     def validate(self) -> "Config":
         def need(ok, name, msg):
