@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Launch the speedrun trainer with torchrun: one process per GPU (nccl), or a
-# single CPU process (gloo). Without --preset: "record" on GPUs, "cpu-demo" on CPU.
+# Launch the speedrun trainer: one process per GPU (nccl, through speedrun.launch, a torchrun wrapper),
+# or, on a CPU machine or with NPROC=1, the trainer itself in this process.
+# Without --preset: "record" on GPUs, "cpu-demo" on CPU; with --resume, the checkpoint's own preset.
 #
-#   bash run.sh                                  # record on all GPUs, or the CPU demo
-#   bash run.sh --preset smoke --out runs/smoke  # any train_gpt option passes through
-#   NPROC=4 bash run.sh                          # fewer processes than GPUs
+#   bash run.sh                                       # record on all GPUs, or the CPU demo
+#   bash run.sh --preset smoke --out runs/smoke       # any train_gpt option passes through
+#   bash run.sh --resume runs/smoke/checkpoint.pt --steps 6
+#   NPROC=4 bash run.sh                               # fewer processes than GPUs
+#
+# Exit code: the trainer's (0 done, 2 bad input or setup, 3 non-finite loss); with several processes,
+# that of the process that failed first, whose one-line error is printed last.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -21,9 +26,11 @@ if [ "$NGPU" -eq 0 ]; then
 fi
 
 PRESET=()
-if [[ " $* " != *" --preset"* ]]; then
+if [[ " $* " != *" --preset"* && " $* " != *" --resume"* ]]; then
     PRESET=(--preset "$([ "$NGPU" -gt 0 ] && echo record || echo cpu-demo)")
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" \
-    -m speedrun.train_gpt "${PRESET[@]}" "$@"
+if [ "$NPROC" -eq 1 ]; then
+    exec "$PYTHON" -m speedrun.train_gpt "${PRESET[@]}" "$@"
+fi
+exec "$PYTHON" -m speedrun.launch "$NPROC" "${PRESET[@]}" "$@"

@@ -35,6 +35,7 @@ CSRC = os.path.join(ROOT, "csrc")
 RECORD_NAME = "_cuda_build.json"
 DEFAULT_ARCH = "90a;80"
 EXT_NAME = "kernels._C"
+BENCH_REQUIRES = ["matplotlib"]
 
 
 def _log(msg: str) -> None:
@@ -179,7 +180,8 @@ class BuildExtOptionalCuda(build_ext):
         version = _nvcc_version(nvcc)
         _log(f"building the CUDA extension with {nvcc} (CUDA {version}) for {', '.join(names)}")
 
-        obj_dir = os.path.join(os.path.abspath(self.build_temp), "cuda_objects")
+        # Outside pip's per-install temporary build tree, so that a reinstall recompiles only what changed.
+        obj_dir = os.path.join(ROOT, "build", "cuda_objects")
         os.makedirs(obj_dir, exist_ok=True)
         sources = sorted(f for f in os.listdir(CSRC) if f.endswith(".cu"))
         headers = [os.path.join(CSRC, f) for f in os.listdir(CSRC) if f.endswith((".cuh", ".h"))]
@@ -250,7 +252,8 @@ setup(
     packages=find_packages(include=["kernels", "kernels.*", "speedrun", "speedrun.*", "benchmarks", "benchmarks.*"]),
     python_requires=">=3.10",
     install_requires=["torch", "triton", "numpy", "huggingface_hub", "tqdm"],
-    extras_require={"test": ["pytest"]},
+    # bench: plots of benchmark results and training runs (without it they are skipped, with a message).
+    extras_require={"bench": BENCH_REQUIRES, "test": ["pytest", *BENCH_REQUIRES]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtOptionalCuda},
     zip_safe=False,

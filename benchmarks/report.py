@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 SCHEMA_VERSION = 1
@@ -149,10 +150,22 @@ def _markdown(env: dict, ceilings: dict, kernels: dict, records: list[dict], tar
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _plot(path: Path, name: str, info: dict, ceilings: dict, records: list[dict]) -> bool:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+PLOTS_SKIPPED = ("plots skipped: matplotlib is not installed "
+                 "(get them with: pip install -e '.[bench]', or pip install matplotlib)")
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _plot(plt, path: Path, name: str, info: dict, ceilings: dict, records: list[dict]) -> bool:
 
     recs = [r for r in records if r["kernel"] == name and r["status"] == "ok"]
     modes = [m for m in ("fwd", "bwd", "fwd+bwd") if any(r["mode"] == m for r in recs)]
@@ -217,8 +230,12 @@ def write_results(out_dir: Path, env: dict, ceilings: dict, kernels: dict, recor
     paths = [out_dir / "results.json", out_dir / "results.md"]
     paths[0].write_text(json.dumps(_finite(payload), indent=1, allow_nan=False, default=str) + "\n")
     paths[1].write_text(_markdown(env, ceilings, kernels, records, targets, modules or []))
+    plt = _pyplot() if kernels else None
+    if kernels and plt is None:
+        print(PLOTS_SKIPPED, file=sys.stderr, flush=True)
+        return paths
     for name, info in kernels.items():
         png = out_dir / f"{name}.png"
-        if _plot(png, name, info, ceilings, records):
+        if _plot(plt, png, name, info, ceilings, records):
             paths.append(png)
     return paths

@@ -84,11 +84,15 @@ def parse_args(argv):
     parser.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
     parser.add_argument("--backend", choices=["auto", "reference", "triton", "cuda"], default=None,
                         help="kernels backend for every op (auto: $KERNELS_BACKEND or the best here)")
-    parser.add_argument("--data", default=None, help="directory of *_train_*.bin / *_val_*.bin shards (data_dir)")
+    parser.add_argument("--data", default=None, help="directory of *_train_*.bin / *_val_*.bin shards (data_dir); "
+                        "the synthetic corpus is written there only with --synthetic=true")
     known, rest = parser.parse_known_args(argv)
     named = {"num_steps": known.steps, "seed": known.seed, "out": known.out, "backend": known.backend,
              "data_dir": known.data}
     overrides = {**parse_overrides(rest), **{k: v for k, v in named.items() if v is not None}}
+    if known.data is not None:
+        # --data names shards to train on; only an explicit --synthetic=true writes the synthetic corpus there.
+        overrides.setdefault("synthetic", False)
     base = None
     if known.resume:
         ckpt = load_checkpoint(known.resume)
@@ -146,10 +150,9 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
     if not train_files or not val_files:
         missing = "directory does not exist" if not data_dir.is_dir() else (
             f"no {'training' if not train_files else 'validation'} shards (*_train_*.bin / *_val_*.bin) in it")
-        raise SetupError(
-            f"data dir {data_dir}: {missing}.\n"
-            f"  Download the FineWeb shards with:  {data.download_command(data_dir)}\n"
-            f"  or train on the embedded synthetic corpus:  bash run.sh --preset cpu-demo")
+        raise SetupError(f"data dir {data_dir}: {missing}; download the FineWeb shards with "
+                         f"`{data.download_command(data_dir)}`, or train on the embedded synthetic corpus with "
+                         "`bash run.sh --preset cpu-demo`")
     for f in train_files + val_files:
         data.read_header(f)  # a corrupt shard fails here, named, before any training
     return train_files, val_files, data.read_source_info(data_dir) if cfg.synthetic else None
@@ -338,7 +341,9 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
     def stop_non_finite(at_step: int, what: str, value: float) -> int:
         kept = (f"the last good checkpoint is {last_ckpt[0]} (step {last_ckpt[1]})" if last_ckpt
                 else "no checkpoint was written before it (use --checkpoint_every)")
-        say(f"step {at_step}: {what} is {value} (not finite); stopping. {kept}")
+        message = f"step {at_step}: {what} is {value} (not finite); stopping. {kept}"
+        say(message)
+        record_exit(3, message)
         log.write({"step": at_step, "train_loss": None, "error": f"non-finite {what}"})
         return 3
 
@@ -435,6 +440,17 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
     return 0
 
 
+def record_exit(code: int, message: str) -> None:
+    """Leave this worker's exit code and one-line message for speedrun.launch (multi-process run.sh)."""
+    exit_dir = os.environ.get("SPEEDRUN_EXIT_DIR")
+    if not exit_dir or code == 0:
+        return
+    path = Path(exit_dir) / f"rank{os.environ.get('RANK', '0')}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"code": code, "message": message, "time": time.time()}))
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     try:
         cfg, ckpt, resume_path = parse_args(sys.argv[1:] if argv is None else argv)
@@ -442,7 +458,9 @@ def main(argv=None) -> int:
     except (SetupError, data.ShardError, ValueError, kernels.BackendUnavailable) as e:
         rank, world_size = world()
         prefix = f"[rank {rank}] " if world_size > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        message = f"{prefix}error: {e}"
+        print(message, file=sys.stderr, flush=True)
+        record_exit(2, message)
         code = 2
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -319,7 +319,8 @@ def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
                     reason="SPEEDRUN_CPU_DEMO=0: skips the README's main command (about 2 minutes of both cores)")
 def test_cpu_demo_reaches_the_source_entropy(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(["bash", "run.sh", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")],
+    res = subprocess.run(["bash", "run.sh", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+                          "--synthetic=true"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((tmp_path / "d" / "synthetic_source.json").read_text())
