@@ -23,6 +23,8 @@ fault is sticky) cannot take the others down. A minimal script::
 API used by the scripts (everything else here is internal)::
 
     ctx.device, ctx.smoke, ctx.full        # where and how big (--smoke: tiny shapes on CPU)
+    ctx.proof                               # --proof: only the speedrun shape (gpu_check's proof stage)
+    ctx.ordered(providers) -> [(name, fn)]  # the package's providers first, then the baselines
     ctx.declare_kernel(name, reference=, compiled=, peak="bf16"|"fp8", description=, targets=[Target])
     ctx.compile(fn)                         # torch.compile with this run's settings
     ctx.unavailable(op, backend) -> str|None  # why a kernels backend cannot run here (None: it can)
@@ -32,6 +34,10 @@ API used by the scripts (everything else here is internal)::
     ctx.skip(kernel=, shape=, provider=, mode=, note=)
     compare(name, out, ref, rel_tol=, cos_min=) -> {metrics}; raises ValidationError on a mismatch
     Target(shape=, mode=, provider=, kind="speedup"|"peak_fraction"|"memory_ratio", threshold=, baseline=, desc=)
+
+``--warm`` runs every case once without timing or records: gpu_check runs the
+scripts that way in parallel processes first, so that Triton's and Inductor's
+on-disk caches hold every kernel before anything is timed.
 
 ``bench`` validates first (``check()`` runs the provider and compares it with an
 oracle, llm.c style), then times ``fn`` and measures its peak memory, and prints
@@ -76,6 +82,9 @@ from typing import Callable, Iterable
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# Providers that are this package's own kernels: timed before the baselines, so a run cut short by
+# its time budget loses baseline numbers rather than the package's.
+PACKAGE_PROVIDER_PREFIXES = ("triton", "cuda")
 PEAK_KINDS = ("bf16", "fp8")
 
 # Dense datasheet peaks (no sparsity): TFLOP/s and HBM TB/s. Checked in order on
@@ -409,8 +418,9 @@ class BenchContext:
     def __init__(self, *, device: torch.device, smoke: bool, full: bool, ceilings: dict, env: dict,
                  records_path: Path | None = None, budget_s: float | None = None,
                  providers: set[str] | None = None, compile_backend: str = "inductor",
-                 warmup_ms: float = 25.0, rep_ms: float = 100.0):
+                 warmup_ms: float = 25.0, rep_ms: float = 100.0, proof: bool = False, warm_only: bool = False):
         self.device, self.smoke, self.full = device, smoke, full
+        self.proof, self.warm_only = proof, warm_only
         self.ceilings, self.env = ceilings, env
         self.records: list[Record] = []
         self.kernels: dict[str, dict] = {}
@@ -467,6 +477,13 @@ class BenchContext:
 
     def wants(self, provider: str) -> bool:
         return self.providers is None or provider in self.providers
+
+    @staticmethod
+    def ordered(providers: dict) -> list[tuple[str, object]]:
+        """The items of ``providers`` with the package's own (triton*, cuda*) first, otherwise in order."""
+        def is_baseline(item):
+            return not item[0].split("-")[0].split("_")[0] in PACKAGE_PROVIDER_PREFIXES
+        return sorted(providers.items(), key=is_baseline)
 
     # -- records -------------------------------------------------------------
 
@@ -533,6 +550,15 @@ class BenchContext:
         peak = self.kernels[kernel]["peak"]
         self._napkin(kernel, shape, mode, flops, bytes_moved, peak)
         metrics = {}
+        if self.warm_only:
+            try:
+                if check is not None:
+                    check()
+                fn()
+            except Exception as exc:  # noqa: BLE001
+                return self._fail(kernel, shape, provider, mode, exc)
+            print(f"  {kernel:16s} {mode:8s} {provider:22s} warmed", flush=True)
+            return Record(kernel, shape_label(shape), dict(shape), provider, mode, "skipped", "warm-up only")
         try:
             if check is not None:
                 metrics = check() or {}
@@ -578,6 +604,8 @@ class BenchContext:
         each mode to (flops, bytes).
         """
         modes = [m for m in modes if m in costs]
+        if self.proof:  # the targets are on fwd+bwd: measure it first
+            modes.sort(key=lambda m: m != "fwd+bwd")
         if not self.wants(provider):
             return [self.skip(kernel=kernel, shape=shape, provider=provider, mode=m,
                               note="not selected (--providers)") for m in modes]
@@ -646,6 +674,10 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ceilings", type=Path, default=None, help="read measured ceilings from this JSON file")
     p.add_argument("--records", type=Path, default=None, help="append JSON lines of records here (for run_all)")
     p.add_argument("--no-report", action="store_true", help="skip results.json / results.md / plots")
+    p.add_argument("--proof", action="store_true",
+                   help="only the speedrun shape of each kernel, fwd+bwd first (gpu_check's proof stage)")
+    p.add_argument("--warm", action="store_true",
+                   help="run every case once, untimed and unrecorded, to fill the compile caches")
     return p
 
 
@@ -686,7 +718,8 @@ def make_context(args, device: torch.device, ceilings: dict) -> BenchContext:
     rep_ms, warmup_ms = args.rep_ms, args.warmup_ms
     return BenchContext(device=device, smoke=args.smoke, full=args.full, ceilings=ceilings, env=environment(device),
                         records_path=args.records, budget_s=args.budget_s, providers=providers,
-                        compile_backend=compile_backend, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                        compile_backend=compile_backend, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                        proof=args.proof, warm_only=args.warm)
 
 
 def main(run: Callable[[BenchContext], None], argv: list[str] | None = None) -> int:

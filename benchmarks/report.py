@@ -16,6 +16,24 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 
 
+def read_records(path: Path) -> tuple[dict, list[dict]]:
+    """(kernels, records) from a JSON-lines file the scripts append to; a line cut short by a kill is skipped."""
+    kernels, records = {}, []
+    if not path.exists():
+        return kernels, records
+    for line in path.read_text().splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+        kind = obj.pop("type", None)
+        if kind == "kernel":
+            kernels[obj.pop("name")] = obj
+        elif kind == "record":
+            records.append(obj)
+    return kernels, records
+
+
 def _ok(records, **match):
     for r in records:
         if r["status"] == "ok" and all(r.get(k) == v for k, v in match.items()):

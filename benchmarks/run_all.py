@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness, report
+from benchmarks.report import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "out" / "benchmarks"
-GRACE_S = 15.0  # kept back from the budget to write the report
+GRACE_S = 15.0  # kept back from the budget to write the report (at most a fifth of a small budget)
 
 
 def discover() -> list[str]:
@@ -40,26 +41,9 @@ def _names(text: str | None) -> set[str]:
     return {n if n.startswith("bench_") else f"bench_{n}" for n in text.split(",") if n}
 
 
-def read_records(path: Path) -> tuple[dict, list[dict]]:
-    kernels, records = {}, []
-    if not path.exists():
-        return kernels, records
-    for line in path.read_text().splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed process
-        kind = obj.pop("type", None)
-        if kind == "kernel":
-            kernels[obj.pop("name")] = obj
-        elif kind == "record":
-            records.append(obj)
-    return kernels, records
-
-
 def _passthrough(args) -> list[str]:
     out = []
-    for flag in ("smoke", "full"):
+    for flag in ("smoke", "full", "proof", "warm"):
         if getattr(args, flag):
             out.append(f"--{flag}")
     for flag in ("device", "providers", "compile_backend"):
@@ -74,7 +58,7 @@ def _share(deadline: float | None, scripts_left: int) -> float | None:
     """This script's soft budget: an equal share of what is left (unused time flows to the next)."""
     if deadline is None:
         return None
-    return (deadline - time.monotonic() - GRACE_S) / max(1, scripts_left)
+    return (deadline - time.monotonic()) / max(1, scripts_left)
 
 
 def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadline: float | None,
@@ -84,10 +68,10 @@ def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadlin
     timeout = None
     if deadline is not None:
         left = deadline - time.monotonic()
-        if left <= GRACE_S:
+        if left <= 0:
             return {"module": name, "rc": None, "seconds": 0.0, "note": "not run: time budget exhausted"}
         cmd += ["--budget-s", f"{max(1.0, _share(deadline, scripts_left)):.0f}"]
-        timeout = left - GRACE_S / 2
+        timeout = left + 5  # the script stops starting cases at its share; this is the hard stop
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     print(f"\n=== {name} ===", flush=True)
@@ -111,7 +95,7 @@ def run_module_inprocess(name: str, args, ceilings: dict, records_path: Path, de
     """The CPU smoke path: no process per script, so torch is imported once."""
     import importlib
     import traceback
-    if deadline is not None and deadline - time.monotonic() <= GRACE_S:
+    if deadline is not None and deadline - time.monotonic() <= 0:
         return {"module": name, "rc": None, "seconds": 0.0, "note": "not run: time budget exhausted"}
     print(f"\n=== {name} (in process) ===", flush=True)
     start = time.monotonic()
@@ -138,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", default=None, help="comma-separated scripts to leave out")
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                    help="one process per script (auto: yes on CUDA, no on the CPU)")
+    p.add_argument("--records-into", type=Path, default=None,
+                   help="append every script's records to this one file as they are measured (gpu_check), "
+                        "instead of per-script files under OUT/records")
     args = p.parse_args(argv)
     out = args.out or DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    # The scripts' deadline: the budget less the time kept back for the report.
+    deadline = time.monotonic() + args.budget_s - min(GRACE_S, 0.2 * args.budget_s) if args.budget_s else None
 
     device = harness.resolve_device(args)
     ceilings = harness.load_or_measure_ceilings(args, device)
@@ -160,15 +148,21 @@ def main(argv: list[str] | None = None) -> int:
     records_dir.mkdir(exist_ok=True)
     modules, kernels, records = [], {}, []
     for i, name in enumerate(names):
-        records_path = records_dir / f"{name}.jsonl"
-        records_path.unlink(missing_ok=True)
+        if args.records_into is not None:
+            records_path = args.records_into
+        else:
+            records_path = records_dir / f"{name}.jsonl"
+            records_path.unlink(missing_ok=True)
         if isolate:
             modules.append(run_module(name, args, ceilings_path, records_path, deadline, len(names) - i))
         else:
             modules.append(run_module_inprocess(name, args, ceilings, records_path, deadline, len(names) - i))
-        k, r = read_records(records_path)
-        kernels.update(k)
-        records += r
+        if args.records_into is None:
+            k, r = read_records(records_path)
+            kernels.update(k)
+            records += r
+    if args.records_into is not None:
+        kernels, records = read_records(args.records_into)
 
     paths = report.write_results(out, env, ceilings, kernels, records, modules=modules)
     print("\nwrote " + ", ".join(str(p) for p in paths))

@@ -155,7 +155,7 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
                          "`bash run.sh --preset cpu-demo`")
     for f in train_files + val_files:
         data.read_header(f)  # a corrupt shard fails here, named, before any training
-    return train_files, val_files, data.read_source_info(data_dir) if cfg.synthetic else None
+    return train_files, val_files, data.read_source_info(data_dir)  # None unless a synthetic corpus
 
 
 def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], GradSync]:

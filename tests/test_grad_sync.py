@@ -266,7 +266,8 @@ def _trainer(tmp_path, out, *extra, timeout=240):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "speedrun.train_gpt", "--preset", "smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / out),
+           "speedrun.train_gpt", "--preset", "smoke", "--data", str(tmp_path / "data"), "--synthetic=true",
+           "--out", str(tmp_path / out),
            "--bucket_mb=0.01", "--dist_timeout_s=60", *extra]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
