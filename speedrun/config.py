@@ -85,6 +85,8 @@ class Config:
     synth_val_tokens: int = SyntheticSpec.val_tokens
 
     def validate(self) -> "Config":
+        check_fields(self)
+
         def need(ok, name, msg):
             if not ok:
                 raise ValueError(f"--{name}: {msg}, got {getattr(self, name)!r}")
@@ -109,7 +111,8 @@ class Config:
              "expected auto, reference, triton or cuda")
         need(self.fp8_scales in ("static", "dynamic"), "fp8_scales", "expected static or dynamic")
         need(0.0 <= self.cooldown_frac <= 1.0, "cooldown_frac", "expected a fraction in [0, 1]")
-        need(self.checkpoint_every >= 0 and self.stop_after >= 0, "checkpoint_every", "expected >= 0")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "expected >= 0")
+        need(self.stop_after >= 0, "stop_after", "expected >= 0")
         need(self.bucket_mb > 0, "bucket_mb", "expected > 0")
         need(self.dist_timeout_s > 0, "dist_timeout_s", "expected > 0")
         return self
@@ -125,6 +128,85 @@ class Config:
     @property
     def padded_vocab(self) -> int:
         return 128 * math.ceil(self.vocab_size / 128)
+
+
+FP32_MAX = 3.4028234663852886e38      # the largest finite float32: lrs, scales and caps are used in fp32
+FP32_TINY = 1.1754943508222875e-38    # the smallest normal float32: a smaller eps is 0 in the update
+
+
+def _in(lo, hi, lo_open=False, hi_open=False):
+    """A range check and its text, e.g. _in(0, 1, hi_open=True) -> 'expected a value in [0, 1)'."""
+    def ok(v):
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if hi == FP32_MAX:
+        return ok, f"expected {'>' if lo_open else '>='} {lo:g} and finite in float32 (<= 3.4e38)"
+    return ok, f"expected a value in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def _positive(v):
+    return v > 0
+
+
+# Ranges of the fields that validate() does not check itself. Every float not named here must
+# still be finite; every field's type is checked.
+RANGES = {
+    "seed": (lambda v: 0 <= v < 2**64, "expected an integer in [0, 2**64)"),
+    "inject_nan_step": (lambda v: v >= 0, "expected >= 0 (0: off)"),
+    "threads": (lambda v: v >= 0, "expected >= 0 (0: torch's default)"),
+    "muon_momentum_warmup": (lambda v: v >= 0, "expected >= 0"),
+    "attn_scale": _in(0, FP32_MAX, lo_open=True),
+    "softcap": _in(0, FP32_MAX, lo_open=True),
+    "bucket_mb": (_positive, "expected > 0 (MiB)"),
+    "dist_timeout_s": _in(0, 8.64e13, lo_open=True),              # datetime.timedelta's range, in seconds
+    "lr_head": _in(0, FP32_MAX), "lr_embed": _in(0, FP32_MAX), "lr_scalar": _in(0, FP32_MAX),
+    "lr_muon": _in(0, FP32_MAX),                                   # a negative lr is gradient ascent
+    "adam_beta1": _in(0, 1, hi_open=True), "adam_beta2": _in(0, 1, hi_open=True),
+    "adam_eps": (lambda v: FP32_TINY <= v <= 1, "expected a value in [1.2e-38, 1] (a smaller one is 0 in float32)"),
+    "muon_momentum": _in(0, 1, hi_open=True), "muon_momentum_start": _in(0, 1, hi_open=True),
+    "final_lr_frac": _in(0, 1),
+    "peak_tflops": (_positive, "expected > 0 (TFLOP/s per GPU)"),
+    "out": (lambda v: bool(v.strip()), "expected a directory name"),
+    "data_dir": (lambda v: bool(v.strip()), "expected a directory name"),
+    "synth_seed": (lambda v: v >= 0, "expected >= 0"),
+    "synth_train_tokens": (lambda v: 2 <= v < 2**31, "expected 2 .. 2**31-1 (a shard's int32 count)"),
+    "synth_val_tokens": (lambda v: 2 <= v < 2**31, "expected 2 .. 2**31-1 (a shard's int32 count)"),
+}
+
+
+def check_fields(cfg) -> None:
+    """Every field: its type, finiteness for floats, and the ranges in RANGES; ValueError naming the first bad one.
+
+    Values come from the command line (already typed) or from a checkpoint's config (anything).
+    """
+    for name, kind in field_types().items():
+        v = getattr(cfg, name)
+        typed = {bool: isinstance(v, bool), str: isinstance(v, str),
+                 int: isinstance(v, int) and not isinstance(v, bool),
+                 float: isinstance(v, (int, float)) and not isinstance(v, bool),
+                 tuple: isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                 }[kind]
+        if not typed:
+            expected = {bool: "a bool", int: "an int", float: "a float", str: "a string", tuple: "a tuple of ints"}
+            raise ValueError(f"--{name}: expected {expected[kind]}, got {v!r}")
+        if kind is float and not math.isfinite(v):
+            raise ValueError(f"--{name}: expected a finite number, got {v!r}")
+        if name in RANGES and not RANGES[name][0](v):
+            raise ValueError(f"--{name}: {RANGES[name][1]}, got {v!r}")
+    if cfg.synthetic:
+        try:
+            SyntheticSpec(seed=cfg.synth_seed, vocab=cfg.synth_vocab, order=cfg.synth_order,
+                          branching=cfg.synth_branching, mean_doc_len=cfg.synth_doc_len,
+                          train_tokens=cfg.synth_train_tokens, val_tokens=cfg.synth_val_tokens)
+        except ValueError as e:
+            raise ValueError(f"--synth_*: {e}") from None
+
+
+def check_device(cfg, device) -> None:
+    """What only the run's device can tell, checked at setup instead of failing in the first step."""
+    kind = getattr(device, "type", str(device))
+    if cfg.attention == "flex" and kind != "cuda":
+        raise ValueError(f"--attention=flex: FlexAttention needs a CUDA device, this run is on {kind}; "
+                         "use --attention=sdpa (or auto, which picks it here)")
 
 
 PRESETS: dict[str, dict] = {
@@ -198,7 +280,8 @@ def parse_overrides(args: list[str]) -> dict:
 def build_config(preset: str, overrides: dict, base: dict | None = None) -> Config:
     if preset not in PRESETS:
         raise ValueError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
-    values = dict(base) if base is not None else {**PRESETS[preset], "preset": preset}
+    # a checkpoint's config (base) lacking a field, e.g. one added since, gets the preset's value
+    values = {**PRESETS[preset], "preset": preset, **(base or {})}
     values.update(overrides)
     cfg = Config(**values)
     if not cfg.out:

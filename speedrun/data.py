@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speedrun.checkpoint import fsync_dir
+
 MAGIC = 20240520
 VERSION = 1
 HEADER_INTS = 256
@@ -56,11 +58,18 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"tokens: {arr.size} tokens do not fit the header's int32 count")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, arr.size)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(arr.astype(np.uint16).tobytes())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers of one shard do not collide
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(arr.astype(np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())  # durable before it takes the name: a power cut leaves the old file or the new
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def read_header(path) -> int:
@@ -208,7 +217,10 @@ def _place(src: Path, dest: Path) -> None:
         os.link(src, tmp)
     except OSError:
         shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())  # the cache's blob or the copy: on disk before it takes the shard's name
     os.replace(tmp, dest)
+    fsync_dir(dest.parent)
 
 
 def download(shards: int, data_dir, repo_id: str = HF_REPO, cache_dir=None, progress: bool = True) -> list[Path]:

@@ -1,12 +1,13 @@
 """The speedrun trainer: the record's GPT, Muon + Adam, evaluation, checkpoints.
 
     python -m speedrun.train_gpt --preset {record,cpu-demo,smoke} [--steps N] [--seed S] [--out DIR]
-        [--backend {auto,reference,triton,cuda}] [--resume CKPT] [--data DIR] [--<config field>=VALUE ...]
+        [--backend {auto,reference,triton,cuda}] [--resume CKPT] [--overwrite] [--data DIR] [--<config field>=VALUE ...]
 
 Single process, or one process per GPU under torchrun (see run.sh). Writes
 DIR/log.jsonl (one JSON object per step) and DIR/checkpoint.pt (at the end and
-every --checkpoint_every steps). Exit codes: 0 done, 2 bad input or setup,
-3 non-finite loss (the last good checkpoint is left in place).
+every --checkpoint_every steps; the one before it is kept as checkpoint.prev.pt),
+under DIR/run.lock (speedrun/checkpoint.py). Exit codes: 0 done, 2 bad input or
+setup, 3 non-finite loss (the message names the checkpoint known to be good).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,9 @@ import torch.distributed as dist
 
 import kernels
 from speedrun import data
-from speedrun.config import PRESETS, Config, build_config, parse_overrides
+from speedrun.checkpoint import RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
+    restore, write_text_durably
+from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
 from speedrun.model import GPT
@@ -34,10 +38,6 @@ from speedrun.model import GPT
 # Fields a resumed run may not change: they define the parameters or the token stream.
 FROZEN_ON_RESUME = ("vocab_size", "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio",
                     "num_value_embeds", "no_attention_layers", "dtype", "seq_len", "batch_tokens")
-
-
-class SetupError(Exception):
-    """A problem with the run's inputs (data, checkpoint, launch) that the message explains."""
 
 
 # ---------------------------------------------------------------------------
@@ -79,6 +79,8 @@ def parse_args(argv):
                + _fields_help())
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: record")
     parser.add_argument("--resume", default=None, help="checkpoint.pt to continue from (its config is the base)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run, deleting its checkpoints and log")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (num_steps)")
     parser.add_argument("--seed", type=int, default=None, help="model init seed")
     parser.add_argument("--out", default=None, help="output directory (default runs/<preset>)")
@@ -95,7 +97,7 @@ def parse_args(argv):
         overrides.setdefault("synthetic", False)
     base = None
     if known.resume:
-        ckpt = load_checkpoint(known.resume)
+        ckpt = load_checkpoint(known.resume, FROZEN_ON_RESUME)
         base = ckpt["config"]
         if known.preset and known.preset != base["preset"]:
             raise SetupError(f"--preset {known.preset} differs from the checkpoint's preset {base['preset']!r}")
@@ -106,7 +108,7 @@ def parse_args(argv):
     else:
         ckpt = None
     cfg = build_config(known.preset or (base["preset"] if base else "record"), overrides, base=base)
-    return cfg, ckpt, known.resume
+    return cfg, ckpt, known.resume, known.overwrite
 
 
 def setup_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
@@ -181,48 +183,8 @@ def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], Grad
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints and the log
+# The log (checkpoints and the run directory: speedrun/checkpoint.py)
 # ---------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, step: int, model, optimizer_states, stream, cfg, world_size: int) -> None:
-    state = {
-        "step": step,
-        "config": {k: v for k, v in vars(cfg).items()},
-        "world_size": world_size,
-        "model": model.state_dict(),
-        "optimizers": optimizer_states,  # unsharded (gathered on every rank beforehand)
-        "data": stream.state_dict(),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never a half-written checkpoint.pt
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SetupError(f"--resume {path}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise SetupError(f"--resume {path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
-
-
-def restore(ckpt: dict, model, optimizers, stream, world_size: int, say) -> int:
-    model.load_state_dict(ckpt["model"])
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
-    stream.load_state_dict(ckpt["data"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if ckpt["world_size"] != world_size:
-        say(f"warning: the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}; "
-            "the token stream continues but the losses will not match an uninterrupted run exactly")
-    return int(ckpt["step"])
-
 
 class JsonlLog:
     """DIR/log.jsonl: a fresh run truncates it; a resumed run keeps the entries up to its start step."""
@@ -239,7 +201,7 @@ class JsonlLog:
                         kept.append(line)
                 except ValueError:
                     continue
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_durably(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old log
 
     def write(self, entry: dict) -> None:
         if self.enabled:
@@ -284,7 +246,7 @@ def approx_flops_per_token(model: GPT, cfg, window: int) -> float:
 # Training
 # ---------------------------------------------------------------------------
 
-def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
+def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = False) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world_size, device = setup_distributed(cfg.dist_timeout_s)
@@ -294,10 +256,10 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
         if master:
             print(msg, flush=True)
 
+    check_device(cfg, device)
     accum = cfg.grad_accum(world_size)
     out = Path(cfg.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir(out, resume_path, overwrite, master, device, say)  # locked, never clobbered
     train_files, val_files, source = prepare_data(cfg, rank, say)
     val_passes = cfg.val_tokens // (world_size * cfg.val_seq_len)
     if val_passes < 1:
@@ -314,11 +276,10 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
     broadcast_parameters(model)
     optimizers, grad_sync = build_optimizers(model, cfg)
     stream = data.TokenStream(train_files, world_size * cfg.seq_len, rank, world_size, cfg.vocab_size)
-    step = restore(ckpt, model, optimizers, stream, world_size, say) if ckpt else 0
+    step = restore(ckpt, model, optimizers, stream, world_size, say, resume_path) if ckpt else 0
     run_model = torch.compile(model, dynamic=False) if cfg.compile else model
     log = JsonlLog(out / "log.jsonl", step, master)
-    ckpt_path = out / "checkpoint.pt"
-    last_ckpt = (Path(resume_path), step) if resume_path else None
+    ckpt_path = run_dir.ckpt_path
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"speedrun {cfg.preset}: {n_params / 1e6:.1f}M parameters, {cfg.num_steps} steps of {cfg.batch_tokens} tokens "
@@ -330,17 +291,25 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
             f"val loss); {source.get('bigram_floor', float('nan')):.4f} without attending past the last token")
 
     def checkpoint(at_step: int) -> None:
-        nonlocal last_ckpt
         states = [opt.state_dict() for opt in optimizers]  # a collective: the shards are gathered
         if master:
-            save_checkpoint(ckpt_path, at_step, model, states, stream, cfg, world_size)
+            run_dir.save(at_step, checkpoint_state(at_step, model, states, stream, cfg, world_size))
         if dist.is_initialized():
             dist.barrier()
-        last_ckpt = (ckpt_path, at_step)
 
     def stop_non_finite(at_step: int, what: str, value: float) -> int:
-        kept = (f"the last good checkpoint is {last_ckpt[0]} (step {last_ckpt[1]})" if last_ckpt
-                else "no checkpoint was written before it (use --checkpoint_every)")
+        # the train loss of step k comes from the weights after step k-1, the val loss from those after k
+        weights_of = at_step - 1 if what == "train loss" else at_step
+        good = run_dir.last_good(weights_of)
+        if good:
+            kept = (f"The last good checkpoint is {good[0]} (step {good[1]}; its weights gave finite losses)"
+                    + (f", not {ckpt_path} (step {weights_of}), whose weights gave this loss"
+                       if run_dir.current == weights_of else "")
+                    + f". Continue from it with  {resume_command(good[0])}  and a lower learning rate, e.g. "
+                      f"--lr_muon={min(cfg.lr_muon / 2, Config.lr_muon):g} (the same settings would diverge again)")
+        else:
+            kept = ("no checkpoint known to be good was written before it"
+                    + (" (use --checkpoint_every)" if not cfg.checkpoint_every else ""))
         message = f"step {at_step}: {what} is {value} (not finite); stopping. {kept}"
         say(message)
         record_exit(3, message)
@@ -425,12 +394,12 @@ def train(cfg, ckpt: dict | None, resume_path: str | None) -> int:
                 step == cfg.stop_after:
             checkpoint(step)
         if step == cfg.stop_after and step < cfg.num_steps:
-            say(f"stopped after step {step} as asked (--stop_after); continue with "
-                f"--resume {ckpt_path}")
+            say(f"stopped after step {step} as asked (--stop_after); continue with  {resume_command(ckpt_path)}")
             return 0
 
     if val_loss is None:
-        say(f"nothing to do: the run is already at step {step} of {cfg.num_steps} (raise --steps to go on)")
+        say(f"nothing to do: the run is already at step {step} of {cfg.num_steps}; to train longer: "
+            f" {resume_command(resume_path or ckpt_path, f' --steps {2 * step}')}")
         return 0
     say(f"done: {step} steps, {fmt_time(train_time)} of training, final val loss {val_loss:.4f}, checkpoint {ckpt_path}")
     if source:
@@ -451,17 +420,38 @@ def record_exit(code: int, message: str) -> None:
     os.replace(tmp, path)
 
 
+def _distributed_reason(e: BaseException) -> str | None:
+    """The first line of a failed collective or rendezvous (gloo raises a plain RuntimeError), else None."""
+    text = str(e).strip()
+    if not (isinstance(e, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "nccl", "ProcessGroup"))):
+        return None
+    return re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+
+
 def main(argv=None) -> int:
-    try:
-        cfg, ckpt, resume_path = parse_args(sys.argv[1:] if argv is None else argv)
-        code = train(cfg, ckpt, resume_path)
-    except (SetupError, data.ShardError, ValueError, kernels.BackendUnavailable) as e:
+    def fail(msg: str, rank_prefix: bool = True) -> int:
         rank, world_size = world()
-        prefix = f"[rank {rank}] " if world_size > 1 else ""
-        message = f"{prefix}error: {e}"
+        prefix = f"[rank {rank}] " if world_size > 1 and rank_prefix else ""
+        message = f"{prefix}error: {msg}"
         print(message, file=sys.stderr, flush=True)
         record_exit(2, message)
-        code = 2
+        return 2
+
+    try:
+        cfg, ckpt, resume_path, overwrite = parse_args(sys.argv[1:] if argv is None else argv)
+        code = train(cfg, ckpt, resume_path, overwrite)
+    except (SetupError, data.ShardError, ValueError, kernels.BackendUnavailable) as e:
+        code = fail(str(e))
+    except OSError as e:  # a full disk is a SetupError already; this is any other read or write failure
+        code = fail(f"{e.filename}: {e.strerror}" if e.filename else str(e) or type(e).__name__)
+    except RuntimeError as e:
+        reason = _distributed_reason(e)
+        if reason is None:
+            raise  # a bug: the traceback is the useful message
+        code = fail(f"rank {world()[0]}: {reason} (another rank probably stopped first: see its message)",
+                    rank_prefix=False)
+    finally:
+        close_all()  # the run directory's lock
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return code

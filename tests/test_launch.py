@@ -42,8 +42,8 @@ def test_resume_through_run_sh_uses_the_checkpoints_preset(tmp_path):
     assert _steps(out)[-1] == 6
 
 
-def test_missing_data_exits_2_with_the_message_last():
-    res = _run_sh("--data", "/nonexistent-speedrun-data")
+def test_missing_data_exits_2_with_the_message_last(tmp_path):
+    res = _run_sh("--data", "/nonexistent-speedrun-data", "--out", str(tmp_path / "o"))
     assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-2000:])
     assert _last_line(res.stderr).startswith("error: data dir /nonexistent-speedrun-data: directory does not exist")
     assert "Traceback" not in res.stderr
@@ -51,8 +51,8 @@ def test_missing_data_exits_2_with_the_message_last():
 
 
 @pytest.mark.slow
-def test_two_processes_return_the_workers_code_and_message():
-    res = _run_sh("--preset", "smoke", "--data", "/nonexistent-speedrun-data", nproc=2)
+def test_two_processes_return_the_workers_code_and_message(tmp_path):
+    res = _run_sh("--preset", "smoke", "--data", "/nonexistent-speedrun-data", "--out", str(tmp_path / "o"), nproc=2)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "error: data dir /nonexistent-speedrun-data" in _last_line(res.stderr)
     assert "ChildFailedError" not in res.stderr and "Traceback" not in res.stderr

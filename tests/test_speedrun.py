@@ -284,7 +284,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smok
                         "--checkpoint_every", "2", "--inject_nan_step", "5")
     assert code == 3
     assert "step 5: train loss is nan (not finite); stopping" in out
-    assert f"last good checkpoint is {tmp_path / 'checkpoint.pt'} (step 4)" in out
+    # checkpoint.pt (step 4) holds the weights whose loss was NaN: the good one is the step before it
+    assert f"last good checkpoint is {tmp_path / 'checkpoint.prev.pt'} (step 2;" in out
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
     assert _log(tmp_path)[-1] == {"step": 5, "train_loss": None, "error": "non-finite train loss"}
