@@ -564,7 +564,13 @@ def test_cpu_demo_reaches_the_source_entropy(tmp_path):
     final = _log(tmp_path / "o")[-1]
     assert final["step"] == 150 and final["val_loss"] - info["entropy_nats_per_token"] < 0.3
     assert "source entropy" in res.stdout
-    # It says where its log and its picture are, and the picture is there.
+    # It says where its log and its picture are, and the picture is there (if run.sh's Python has
+    # matplotlib; without it, one line says so and the run still succeeds).
     out = tmp_path / "o"
-    assert f"log {out / 'log.jsonl'}, plot {out / 'plot.png'}" in res.stdout
-    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    python = os.environ.get("PYTHON", "python3")
+    if subprocess.run([python, "-c", "import matplotlib"], capture_output=True).returncode == 0:
+        assert f"log {out / 'log.jsonl'}, plot {out / 'plot.png'}" in res.stdout
+        assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert f"log {out / 'log.jsonl'} (no plot: matplotlib is not installed (pip install matplotlib)" \
+            in res.stdout
