@@ -28,14 +28,24 @@ def document_ids(tokens: torch.Tensor, eot: int = EOT) -> torch.Tensor:
     return (tokens == eot).cumsum(0, dtype=torch.int32)
 
 
-def short_window(window_blocks: int) -> int:
+def short_window(window_blocks):
+    """Half the long window, at least one block (an int, or a 0-d tensor: see ``_check_window``)."""
+    if isinstance(window_blocks, torch.Tensor):
+        return torch.clamp(window_blocks // 2, min=1)
     return max(1, window_blocks // 2)
+
+
+def _check_window(window_blocks) -> None:
+    # The window may be a 0-d integer tensor: a compiled model then serves every window size with one
+    # graph (a Python int would be specialised into it, one recompilation per size). A tensor is not
+    # checked here: reading its value would break the graph and wait for the device.
+    if not isinstance(window_blocks, torch.Tensor) and window_blocks < 1:
+        raise ValueError(f"window_blocks: expected >= 1, got {window_blocks}")
 
 
 def dense_mask(tokens: torch.Tensor, window_blocks: int, block_size: int = 128, eot: int = EOT) -> torch.Tensor:
     """The rule evaluated for every (query, key) pair: bool [T, T], True = may attend."""
-    if window_blocks < 1:
-        raise ValueError(f"window_blocks: expected >= 1, got {window_blocks}")
+    _check_window(window_blocks)
     docs = document_ids(tokens, eot)
     pos = torch.arange(tokens.numel(), device=tokens.device)
     q, k = pos[:, None], pos[None, :]
@@ -61,8 +71,7 @@ def flex_block_mask(tokens: torch.Tensor, window_blocks: int, block_size: int = 
     T = tokens.numel()
     if T % block_size:
         raise ValueError(f"tokens: length {T} is not a multiple of the attention block size {block_size}")
-    if window_blocks < 1:
-        raise ValueError(f"window_blocks: expected >= 1, got {window_blocks}")
+    _check_window(window_blocks)
     docs = document_ids(tokens, eot)
     nb = T // block_size
     first, last = docs.view(nb, block_size)[:, 0], docs.view(nb, block_size)[:, -1]
@@ -108,7 +117,7 @@ def block_mask_to_dense(block_mask, T: int) -> torch.Tensor:
 class AttentionMasks:
     """The long and short masks of one sequence, in the form the chosen kernel needs."""
 
-    def __init__(self, tokens: torch.Tensor, window_blocks: int, block_size: int, kind: str):
+    def __init__(self, tokens: torch.Tensor, window_blocks, block_size: int, kind: str):
         self.kind = kind
         if kind == "flex":
             self.long = flex_block_mask(tokens, window_blocks, block_size)

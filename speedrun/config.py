@@ -1,7 +1,8 @@
 """Run configuration: one flat dataclass, three presets, command-line overrides.
 
 Every field can be set on the command line as ``--name=value`` (or ``--name
-value``); tuples take comma-separated values, booleans true/false.
+value``); tuples take comma-separated values, booleans true/false (a bare ``--name``
+is true).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ class Config:
     out: str = ""                       # default: runs/<preset>
     backend: str = "auto"               # kernels backend: auto, reference, triton, cuda
     data_dir: str = DEFAULT_FINEWEB_DIR
-    log_every: int = 1                  # progress line every k steps (log.jsonl gets every step)
+    log_every: int = 10                 # progress line (and the one host read of the losses) every k steps;
+                                        # log.jsonl still gets every step
     checkpoint_every: int = 0           # also save checkpoint.pt every k steps (0: only at the end)
     stop_after: int = 0                 # stop (with a checkpoint) after this step, as if interrupted; 0: never
     inject_nan_step: int = 0            # test hook: make the loss NaN at this step (0: off)
+    allow_data_change: bool = False     # resume on data other than the checkpoint's (applies to one resume)
+    plot: bool = True                   # write DIR/plot.png at the end (speedrun.plot; needs matplotlib)
     # --- batch ---------------------------------------------------------------
     seq_len: int = 48 * 1024            # tokens per rank per forward (one packed sequence)
     batch_tokens: int = 8 * 48 * 1024   # tokens per optimizer step, all ranks; the rest is accumulation
@@ -52,7 +56,10 @@ class Config:
     attention: str = "auto"             # flex (GPU), sdpa (dense mask), auto: flex on CUDA
     head_fp8: bool = True               # training head through kernels.fp8_head_loss
     fp8_scales: str = "static"          # static (the record's, scaled to model_dim) or dynamic
-    compile: bool = False               # torch.compile the whole model
+    compile: str = "auto"               # torch.compile the whole model: auto (on CUDA), true, false, or a
+                                        # torch.compile backend name (inductor, aot_eager, eager)
+    warmup_steps: int = -1              # untimed steps before training (compile, autotune), then the model,
+                                        # optimizer and data state are restored; -1: 10 on CUDA, 0 on CPU
     threads: int = 0                    # torch CPU threads (0: torch's default)
     # --- communication (speedrun/grad_sync.py) ------------------------------------
     overlap_comm: bool = True           # reduce-scatter each bucket during backward (false: after backward)
@@ -113,9 +120,19 @@ class Config:
         need(0.0 <= self.cooldown_frac <= 1.0, "cooldown_frac", "expected a fraction in [0, 1]")
         need(self.checkpoint_every >= 0, "checkpoint_every", "expected >= 0")
         need(self.stop_after >= 0, "stop_after", "expected >= 0")
+        need(self.val_tokens % self.val_seq_len == 0, "val_tokens",
+             f"expected a multiple of val_seq_len={self.val_seq_len} (validation is whole sequences)")
+        need(self.compile in COMPILE_CHOICES, "compile", f"expected one of {', '.join(COMPILE_CHOICES)}")
+        need(self.warmup_steps >= -1, "warmup_steps", "expected >= 0, or -1 (auto)")
         need(self.bucket_mb > 0, "bucket_mb", "expected > 0")
         need(self.dist_timeout_s > 0, "dist_timeout_s", "expected > 0")
         return self
+
+    def compile_backend(self, device_type: str) -> str | None:
+        """The torch.compile backend for this run, or None for eager."""
+        if self.compile == "auto":
+            return "inductor" if device_type == "cuda" else None
+        return {"true": "inductor", "false": None}.get(self.compile, self.compile)
 
     def grad_accum(self, world_size: int) -> int:
         """Micro-steps per optimizer step, so that the step always holds batch_tokens tokens."""
@@ -129,6 +146,8 @@ class Config:
     def padded_vocab(self) -> int:
         return 128 * math.ceil(self.vocab_size / 128)
 
+
+COMPILE_CHOICES = ("auto", "true", "false", "inductor", "aot_eager", "eager")
 
 FP32_MAX = 3.4028234663852886e38      # the largest finite float32: lrs, scales and caps are used in fp32
 FP32_TINY = 1.1754943508222875e-38    # the smallest normal float32: a smaller eps is 0 in the update
@@ -228,7 +247,7 @@ PRESETS: dict[str, dict] = {
         num_layers=2, model_dim=32, num_heads=2, head_dim=16, num_value_embeds=1, no_attention_layers=(),
         window_pattern="LS", attn_block=32, window_max_tokens=96, dtype="float32", muon_momentum_warmup=2,
         threads=1, data_dir="data/synthetic-smoke", synthetic=True, synth_train_tokens=1 << 14,
-        synth_val_tokens=1 << 12,
+        synth_val_tokens=1 << 12, log_every=1, plot=False,
     ),
 }
 
@@ -264,14 +283,17 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}; options look like --name=value")
         name, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise ValueError(f"--{name}: missing value")
-            i += 1
-            value = args[i]
         name = ALIASES.get(name, name).replace("-", "_")
         if name not in types:
             raise ValueError(f"unknown option --{name}; see --help for the config fields")
+        if not eq:
+            if types[name] is bool and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+                value = "true"  # a bare switch: --allow_data_change
+            elif i + 1 >= len(args):
+                raise ValueError(f"--{name}: missing value")
+            else:
+                i += 1
+                value = args[i]
         out[name] = _convert(name, types[name], value)
         i += 1
     return out
@@ -282,6 +304,12 @@ def build_config(preset: str, overrides: dict, base: dict | None = None) -> Conf
         raise ValueError(f"--preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
     # a checkpoint's config (base) lacking a field, e.g. one added since, gets the preset's value
     values = {**PRESETS[preset], "preset": preset, **(base or {})}
+    if base is not None:
+        # Permission to change the data is given per resume, never inherited from the run that wrote
+        # the checkpoint.
+        values["allow_data_change"] = False
+        if isinstance(values.get("compile"), bool):  # checkpoints from before compile took a backend name
+            values["compile"] = "true" if values["compile"] else "false"
     values.update(overrides)
     cfg = Config(**values)
     if not cfg.out:

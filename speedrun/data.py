@@ -97,11 +97,15 @@ def read_header(path) -> int:
     return count
 
 
-def read_shard(path, vocab_size: int | None = None) -> torch.Tensor:
-    """All tokens of a shard as a uint16 tensor, after validating the header (and the ids, given vocab_size)."""
+def read_shard(path, vocab_size: int | None = None, pin_memory: bool = False) -> torch.Tensor:
+    """All tokens of a shard as a uint16 tensor, after validating the header (and the ids, given vocab_size).
+
+    ``pin_memory``: page-locked, so that copies of its slices to a GPU are asynchronous (a copy from
+    pageable memory makes the host wait for the device).
+    """
     path = Path(path)
     count = read_header(path)
-    tokens = torch.empty(count, dtype=torch.uint16)
+    tokens = torch.empty(count, dtype=torch.uint16, pin_memory=pin_memory)
     with open(path, "rb") as f:
         f.seek(HEADER_BYTES)
         got = f.readinto(tokens.numpy())
@@ -123,43 +127,141 @@ def list_shards(data_dir, split: str) -> list[Path]:
 # Streams
 # ---------------------------------------------------------------------------
 
-class TokenStream:
-    """Consecutive windows of a packed token stream, split across ranks.
+class DataStateError(ValueError):
+    """A saved stream state does not fit the data here (other shards, another corpus, a bad position)."""
 
-    Each call takes the next ``global_tokens`` (+1 for the shifted targets) of
-    the stream; rank r gets the r-th contiguous slice of ``global_tokens //
-    world_size`` inputs. A window never straddles two shards: the tail of a
-    shard too short for a whole window is skipped, as in the speedrun. With
-    ``wrap`` the stream restarts at the first shard after the last (an epoch);
-    otherwise running out raises. The position (shard, offset, epoch) is the
-    whole state, so a checkpoint can restore it exactly.
+
+def shard_identity(files) -> list[list]:
+    """[[file name, token count], ...]: what a checkpoint remembers of the shards it was trained on."""
+    return [[Path(f).name, read_header(f)] for f in files]
+
+
+def _shard_changes(key: str, saved: list, now: list) -> list[str]:
+    saved_n, now_n = dict(map(tuple, saved)), dict(map(tuple, now))
+    out = [f"{key}: {name} is gone" for name in saved_n if name not in now_n]
+    out += [f"{key}: {name} is new" for name in now_n if name not in saved_n]
+    out += [f"{key}: {name} has {now_n[name]} tokens, {saved_n[name]} in the checkpoint"
+            for name in saved_n if name in now_n and saved_n[name] != now_n[name]]
+    if not out and saved != now:
+        out.append(f"{key}: the same files in another order")
+    return out
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two data identities, one short phrase per difference."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=lambda k: (k != "shards", k)):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if key.endswith("shards") and isinstance(a, list) and isinstance(b, list):
+            out += _shard_changes(key, a, b)
+        else:
+            out.append(f"{key}: {b!r} here, {a!r} in the checkpoint")
+    return out
+
+
+class TokenStream:
+    """A packed token stream taken one optimizer step at a time (the speedrun record's loader rule).
+
+    Step k's tokens are one window of ``step_tokens`` (+1 for the shifted
+    targets) of the current shard, starting at the position ``pos``; ``pos``
+    then moves on by step_tokens. Before taking a window the stream moves to
+    the next shard's start while ``pos + step_tokens + 1 >= len(shard)``: the
+    tail of a shard that cannot hold a whole window is skipped, and so is a
+    window that would end exactly at the shard's end. The window is cut into
+    ``step_tokens // seq_len`` sequences of ``seq_len`` (+1) tokens; sequence i
+    belongs to rank ``i % world_size``, so on rank r micro-step m takes sequence
+    ``m * world_size + r``. A step's tokens therefore depend only on
+    step_tokens, never on how ranks and micro-steps share them; with one
+    micro-step per rank, rank r gets the r-th slice, as in the record. If the
+    sequences do not divide evenly (validation on many ranks), the last ones
+    leave some ranks without one.
+
+    With ``wrap`` the stream restarts at the first shard after the last (an
+    epoch); otherwise running out raises. The position (shard, pos, epoch) is
+    the whole state; ``state_dict`` stores it with the data's identity (shard
+    names and sizes, plus the caller's ``identity`` entries such as the
+    synthetic spec), and ``load_state_dict`` refuses another corpus unless
+    ``allow_data_change``; the differences it let through are in ``changes``.
     """
 
-    def __init__(self, files, global_tokens: int, rank: int = 0, world_size: int = 1,
-                 vocab_size: int | None = None, wrap: bool = True):
+    def __init__(self, files, step_tokens: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None, wrap: bool = True, identity: dict | None = None,
+                 allow_data_change: bool = False, pin_memory: bool = False):
         if not files:
             raise ShardError("no shard files given")
-        if global_tokens % world_size:
-            raise ValueError(f"global_tokens: {global_tokens} is not divisible by world_size={world_size}")
+        for name, value in (("step_tokens", step_tokens), ("seq_len", seq_len), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if step_tokens % seq_len:
+            raise ValueError(f"step_tokens: {step_tokens} is not a multiple of seq_len={seq_len}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank!r}")
         self.files = [Path(f) for f in files]
-        self.global_tokens, self.local_tokens = global_tokens, global_tokens // world_size
-        self.rank, self.vocab_size, self.wrap = rank, vocab_size, wrap
+        self.step_tokens, self.seq_len = step_tokens, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.sequences = range(rank, step_tokens // seq_len, world_size)  # this rank's slices of a step
+        self.vocab_size, self.wrap, self.pin_memory = vocab_size, wrap, pin_memory
+        self.allow_data_change, self.changes = allow_data_change, []
         self.file_index, self.pos, self.epoch = 0, 0, 0
         self._tokens, self._loaded = None, -1
-        usable = [f for f in self.files if read_header(f) >= global_tokens + 1]
-        if not usable:
-            raise ShardError(f"every shard in {self.files[0].parent} is shorter than one window of "
-                             f"{global_tokens + 1} tokens (e.g. {self.files[0]} has {read_header(self.files[0])})")
+        self.shards = shard_identity(self.files)
+        self.identity = {"shards": self.shards, **(identity or {})}
+        if not any(n > step_tokens + 1 for _, n in self.shards):
+            raise ShardError(f"every shard in {self.files[0].parent} is too short for one step: a window of "
+                             f"{step_tokens} (+1) tokens needs a shard of more than {step_tokens + 1} "
+                             f"(e.g. {self.files[0]} has {self.shards[0][1]})")
 
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        return {"file_index": self.file_index, "pos": self.pos, "epoch": self.epoch}
+        return {"file_index": self.file_index, "pos": self.pos, "epoch": self.epoch,
+                "step_tokens": self.step_tokens, "identity": self.identity}
 
     def load_state_dict(self, state: dict) -> None:
-        self.file_index, self.pos, self.epoch = int(state["file_index"]), int(state["pos"]), int(state["epoch"])
+        """Continue at a saved position; DataStateError if it is malformed or (unless allowed) other data."""
+        if not isinstance(state, dict):
+            raise DataStateError(f"data position: expected a dict, found {type(state).__name__}")
+        for key in ("file_index", "pos", "epoch"):
+            value = state.get(key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataStateError(f"data position: {key!r} must be an int, found {value!r}")
+        saved_step = state.get("step_tokens", self.step_tokens)
+        if saved_step != self.step_tokens:
+            raise DataStateError(f"data position: saved for steps of {saved_step!r} tokens, this stream takes "
+                                 f"{self.step_tokens}")
+        saved = state.get("identity")
+        if saved is None:
+            changes = ["the checkpoint does not record which data it was trained on (an older checkpoint)"]
+        elif not isinstance(saved, dict):
+            raise DataStateError(f"data position: 'identity' must be a dict, found {type(saved).__name__}")
+        else:
+            changes = identity_changes(saved, self.identity)
+        if changes and not self.allow_data_change:
+            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            raise DataStateError(f"the data differ from the checkpoint's ({shown}); resume on the same data, or "
+                                 "pass --allow_data_change to continue on these")
+        file_index, pos, epoch = state["file_index"], state["pos"], state["epoch"]
+        if not 0 <= file_index < len(self.files):
+            raise DataStateError(f"data position: file_index={file_index} is outside the {len(self.files)} "
+                                 f"shard(s) in {self.files[0].parent}")
+        n = self.shards[file_index][1]
+        if not 0 <= pos < max(n, 1) or pos % self.step_tokens:
+            raise DataStateError(f"data position: pos={pos} is not a step start in {self.files[file_index].name} "
+                                 f"({n} tokens; expected a multiple of {self.step_tokens} below {n})")
+        if epoch < 0:
+            raise DataStateError(f"data position: epoch={epoch} is negative")
+        self.file_index, self.pos, self.epoch, self.changes = file_index, pos, epoch, changes
 
+    def reset(self) -> None:
+        """Back to the first step (the loaded shard stays cached: validation reuses it every time)."""
+        self.file_index, self.pos, self.epoch = 0, 0, 0
+
+    # ------------------------------------------------------------------ tokens
     def _current(self) -> torch.Tensor:
         if self._loaded != self.file_index:
-            self._tokens = read_shard(self.files[self.file_index], self.vocab_size)
+            self._tokens = None  # free the old shard before reading the next
+            self._tokens = read_shard(self.files[self.file_index], self.vocab_size, self.pin_memory)
             self._loaded = self.file_index
         return self._tokens
 
@@ -170,17 +272,31 @@ class TokenStream:
                 raise ShardError(f"ran out of tokens after {len(self.files)} shard(s) in {self.files[0].parent}")
             self.file_index, self.epoch = 0, self.epoch + 1
 
-    def next_batch(self, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (inputs int32 [local_tokens], targets int64 [local_tokens]) for this rank."""
-        while self.pos + self.global_tokens + 1 > self._current().numel():
+    def next_windows(self) -> list[torch.Tensor]:
+        """The next step's sequences of this rank: uint16 views [seq_len + 1] into the shard (no copy)."""
+        while self.pos + self.step_tokens + 1 >= self.shards[self.file_index][1]:
             self._advance_file()
-        start = self.pos + self.rank * self.local_tokens
-        buf = self._current()[start:start + self.local_tokens + 1]
-        self.pos += self.global_tokens
-        non_blocking = torch.device(device).type == "cuda"
-        inputs = buf[:-1].to(torch.int32).to(device, non_blocking=non_blocking)
-        targets = buf[1:].to(torch.int64).to(device, non_blocking=non_blocking)
-        return inputs, targets
+        tokens = self._current()
+        starts = [self.pos + i * self.seq_len for i in self.sequences]
+        self.pos += self.step_tokens
+        return [tokens[s:s + self.seq_len + 1] for s in starts]
+
+    def next_step(self, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """-> [(inputs int32 [seq_len], targets int64 [seq_len]), ...], one pair per micro-step of this rank."""
+        return [to_device(w, device) for w in self.next_windows()]
+
+
+def to_device(window: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint16 window [n + 1] -> (inputs int32 [n], targets int64 [n]) on ``device``.
+
+    To a GPU the raw 16-bit tokens travel (asynchronously from a pinned shard) and widen there; int16
+    is the carrier because every device kernel handles it, and ``& 0xFFFF`` undoes its sign extension.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return window[:-1].to(torch.int32), window[1:].to(torch.int64)
+    wide = window.view(torch.int16).to(device, non_blocking=True).to(torch.int32) & 0xFFFF
+    return wide[:-1], wide[1:].to(torch.int64)
 
 
 def count_tokens(files) -> int:

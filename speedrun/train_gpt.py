@@ -4,15 +4,23 @@
         [--backend {auto,reference,triton,cuda}] [--resume CKPT] [--overwrite] [--data DIR] [--<config field>=VALUE ...]
 
 Single process, or one process per GPU under torchrun (see run.sh). Writes
-DIR/log.jsonl (one JSON object per step) and DIR/checkpoint.pt (at the end and
-every --checkpoint_every steps; the one before it is kept as checkpoint.prev.pt),
-under DIR/run.lock (speedrun/checkpoint.py). Exit codes: 0 done, 2 bad input or
-setup, 3 non-finite loss (the message names the checkpoint known to be good).
+DIR/log.jsonl (one JSON object per step), DIR/checkpoint.pt (at the end and
+every --checkpoint_every steps; the one before it is kept as checkpoint.prev.pt)
+and DIR/plot.png (speedrun.plot, at the end), under DIR/run.lock
+(speedrun/checkpoint.py). Exit codes: 0 done, 2 bad input or setup, 3 non-finite
+loss (the message names the checkpoint known to be good).
+
+On CUDA the model is compiled and warmed up (untimed) before the first step;
+``train_time`` is counted as the record counts it (validation excluded) and
+progress lines start with the record's form, ``step:N/1770 val_loss:X
+train_time:Tms step_avg:Ams``, so a run compares line by line with its log.
+The host reads the losses only every --log_every steps (one wait per read).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import json
@@ -160,6 +168,12 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
     return train_files, val_files, data.read_source_info(data_dir)  # None unless a synthetic corpus
 
 
+def data_identity(val_files, source: dict | None) -> dict:
+    """What, besides the training shards, makes the data of a run: the validation shards, and the spec of
+    the synthetic corpus when the data dir holds one (``source``: its synthetic_source.json)."""
+    return {"val_shards": data.shard_identity(val_files), "synthetic": source["spec"] if source else None}
+
+
 def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], GradSync]:
     """Adam and Muon, each sharded over the ranks, fed by one GradSync (its buckets, its hooks).
 
@@ -191,22 +205,25 @@ class JsonlLog:
 
     def __init__(self, path: Path, start_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
+        self.last_kept: dict = {}  # the resumed run's last entry (its train_time_ms continues)
         if not enabled:
             return
         kept = []
         if start_step > 0 and path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= start_step:
+                    entry = json.loads(line)
+                    if entry.get("step", 0) <= start_step:
                         kept.append(line)
-                except ValueError:
+                        self.last_kept = entry
+                except (ValueError, AttributeError):
                     continue
         write_text_durably(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old log
 
-    def write(self, entry: dict) -> None:
-        if self.enabled:
+    def write(self, *entries: dict) -> None:
+        if self.enabled and entries:
             with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+                f.write("".join(json.dumps(entry) + "\n" for entry in entries))
 
 
 def fmt_time(seconds: float) -> str:
@@ -219,19 +236,25 @@ def fmt_time(seconds: float) -> str:
 # Evaluation
 # ---------------------------------------------------------------------------
 
-def evaluate(model, cfg, val_files, rank: int, world_size: int, device, window: int) -> tuple[float, int]:
-    """Mean loss over the first val_tokens validation tokens (rounded down to whole passes)."""
-    per_pass = world_size * cfg.val_seq_len
-    passes = cfg.val_tokens // per_pass
-    stream = data.TokenStream(val_files, per_pass, rank, world_size, cfg.vocab_size, wrap=False)
+def evaluate(model, cfg, val_stream: data.TokenStream, world_size: int, device, window) -> float:
+    """Mean loss over exactly val_tokens validation tokens, whatever the number of ranks.
+
+    The validation set is the stream's first step: one window of val_tokens (+1) cut into
+    val_seq_len sequences, dealt round-robin to the ranks (with more ranks than a whole
+    number of rounds needs, the last round leaves some ranks idle). The loss is the mean of
+    the sequences' mean losses, i.e. the mean over the tokens, as the record computes it.
+    """
+    val_stream.reset()
     model.eval()
-    total = torch.zeros((), device=device)
+    total = torch.zeros((), dtype=torch.float32, device=device)
     with torch.no_grad():
-        for _ in range(passes):
-            inputs, targets = stream.next_batch(device)
+        for window_tokens in val_stream.next_windows():
+            inputs, targets = data.to_device(window_tokens, device)
             total += model(inputs, targets, window)
     model.train()
-    return float(all_reduce_mean(total / passes)), passes * per_pass
+    if world_size > 1:
+        dist.all_reduce(total)
+    return float(total / (cfg.val_tokens // cfg.val_seq_len))
 
 
 def approx_flops_per_token(model: GPT, cfg, window: int) -> float:
@@ -245,6 +268,56 @@ def approx_flops_per_token(model: GPT, cfg, window: int) -> float:
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
+
+class TrainClock:
+    """``train_time`` as the record counts it: wall time of the training steps only.
+
+    The clock stops (after waiting for the device) for validation, checkpoints and the
+    periodic log reads, and restarts after them; warm-up runs before it starts.
+    """
+
+    def __init__(self, device: torch.device, start_s: float = 0.0):
+        self.device, self.total, self.t0 = device, start_s, None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        if self.t0 is not None:
+            self.total += time.perf_counter() - self.t0
+            self.t0 = None
+        return self.total
+
+
+class StepTimer:
+    """Per-step device time without waiting: CUDA events on a GPU (read at the next log read), else the host clock."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else 1000.0 * (end - start)
+
+
+def record_line(step: int, num_steps: int, train_time_ms: float, timed_steps: int, val_loss=None) -> str:
+    """The record's log line: step:N/1770 [val_loss:X] train_time:Tms step_avg:Ams."""
+    val = f" val_loss:{val_loss:.4f}" if val_loss is not None else ""
+    return (f"step:{step}/{num_steps}{val} train_time:{train_time_ms:.0f}ms "
+            f"step_avg:{train_time_ms / max(timed_steps, 1):.2f}ms")
+
 
 def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = False) -> int:
     if cfg.threads:
@@ -261,34 +334,99 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     out = Path(cfg.out)
     run_dir = RunDir(out, resume_path, overwrite, master, device, say)  # locked, never clobbered
     train_files, val_files, source = prepare_data(cfg, rank, say)
-    val_passes = cfg.val_tokens // (world_size * cfg.val_seq_len)
-    if val_passes < 1:
-        raise SetupError(f"--val_tokens={cfg.val_tokens} is less than one validation pass of "
-                         f"world_size*val_seq_len = {world_size * cfg.val_seq_len} tokens")
-    if data.count_tokens(val_files) < val_passes * world_size * cfg.val_seq_len + 1:
-        raise SetupError(f"the validation shards in {cfg.data_dir} hold {data.count_tokens(val_files)} tokens, "
-                         f"fewer than --val_tokens={cfg.val_tokens} (+1); lower --val_tokens")
+    val_shards = data.shard_identity(val_files)
+    if not any(n > cfg.val_tokens + 1 for _, n in val_shards):
+        raise SetupError(f"--val_tokens={cfg.val_tokens}: no validation shard in {cfg.data_dir} can hold them "
+                         f"(a shard needs more than {cfg.val_tokens + 1} tokens; the largest has "
+                         f"{max(n for _, n in val_shards)}); lower --val_tokens")
     if device.type == "cuda":
         kernels.set_target_checks(False)  # token ids are checked per shard by the reader instead
+    pin = device.type == "cuda"
+    val_stream = data.TokenStream(val_files, cfg.val_tokens, cfg.val_seq_len, rank, world_size, cfg.vocab_size,
+                                  wrap=False, pin_memory=pin)
 
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(device)
     broadcast_parameters(model)
     optimizers, grad_sync = build_optimizers(model, cfg)
-    stream = data.TokenStream(train_files, world_size * cfg.seq_len, rank, world_size, cfg.vocab_size)
+    stream = data.TokenStream(train_files, cfg.batch_tokens, cfg.seq_len, rank, world_size, cfg.vocab_size,
+                              identity=data_identity(val_files, source), allow_data_change=cfg.allow_data_change,
+                              pin_memory=pin)
     step = restore(ckpt, model, optimizers, stream, world_size, say, resume_path) if ckpt else 0
-    run_model = torch.compile(model, dynamic=False) if cfg.compile else model
+    start_step = step
+    if stream.changes:
+        say("warning: resuming on other data than the checkpoint's (--allow_data_change): "
+            + "; ".join(stream.changes))
+    compile_backend = cfg.compile_backend(device.type)
+    run_model = torch.compile(model, dynamic=False, backend=compile_backend) if compile_backend else model
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else (10 if device.type == "cuda" else 0)
     log = JsonlLog(out / "log.jsonl", step, master)
     ckpt_path = run_dir.ckpt_path
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"speedrun {cfg.preset}: {n_params / 1e6:.1f}M parameters, {cfg.num_steps} steps of {cfg.batch_tokens} tokens "
         f"({world_size} process(es) x {accum} micro-step(s) x {cfg.seq_len}), device {device}, "
-        f"kernels backend {cfg.backend}, attention {model.attention_kind(device)}, data {cfg.data_dir} "
+        f"kernels backend {cfg.backend}, attention {model.attention_kind(device)}, "
+        f"compile {compile_backend or 'off'}, warm-up {warmup_steps} step(s), data {cfg.data_dir} "
         f"({len(train_files)} train shard(s)), out {out}" + (f", resumed at step {step}" if step else ""))
     if source:
         say(f"synthetic source: entropy {source['entropy_nats_per_token']:.4f} nats/token (the lowest reachable "
             f"val loss); {source.get('bigram_floor', float('nan')):.4f} without attending past the last token")
+
+    windows: dict[int, torch.Tensor] = {}
+
+    def window_tensor(blocks: int) -> torch.Tensor:
+        # A tensor, so that the compiled model takes every window size without recompiling.
+        if blocks not in windows:
+            windows[blocks] = torch.tensor(blocks, dtype=torch.int32, device=device)
+        return windows[blocks]
+
+    def train_step(at_step: int, inject_nan: bool) -> tuple[torch.Tensor, int, float]:
+        """One optimizer step on the schedule of step ``at_step`` (0-based) -> (summed loss of this rank, window, lr)."""
+        progress = at_step / cfg.num_steps
+        window = window_blocks(progress, cfg.window_max_tokens, cfg.attn_block)
+        lr_mult = lr_multiplier(progress, cfg.cooldown_frac, cfg.final_lr_frac)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lr_mult
+        for group in optimizers[1].param_groups:
+            group["momentum"] = muon_momentum(at_step, cfg)
+        local_loss = torch.zeros((), device=device)
+        for micro, (inputs, targets) in enumerate(stream.next_step(device)):
+            if micro == accum - 1:
+                grad_sync.arm()  # only the last micro-step's backward communicates
+            loss = run_model(inputs, targets, window_tensor(window))
+            if inject_nan:
+                loss = loss * float("nan")
+            (loss / accum).backward()  # the record's gradient scale: sum over tokens, mean over 8 passes
+            local_loss += loss.detach()
+        grad_sync.finish()  # launches what backward did not (all of it with --overlap_comm=false)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        return local_loss, window, lr_mult
+
+    def warm_up(n: int) -> float:
+        """n untimed steps (compilation, autotuning, allocator growth), then every state put back as it was."""
+        t = time.perf_counter()
+        model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        optimizer_states = [opt.state_dict() for opt in optimizers]  # copies (a collective: gathered shards)
+        stream_state = stream.state_dict()
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        for _ in range(n):
+            train_step(step, inject_nan=False)
+        with torch.no_grad():
+            model.load_state_dict(model_state)
+        for opt, state in zip(optimizers, optimizer_states):
+            opt.load_state_dict(state)
+        stream.load_state_dict(stream_state)
+        torch.set_rng_state(rng[0])
+        if rng[1]:
+            torch.cuda.set_rng_state_all(rng[1])
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t
 
     def checkpoint(at_step: int) -> None:
         states = [opt.state_dict() for opt in optimizers]  # a collective: the shards are gathered
@@ -316,96 +454,124 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
         log.write({"step": at_step, "train_loss": None, "error": f"non-finite {what}"})
         return 3
 
+    if warmup_steps:
+        say(f"warm-up: {warmup_steps} untimed step(s) in {warm_up(warmup_steps):.1f} s "
+            "(model, optimizer and data state restored)")
+
+    # train_time continues over a resume when the log has it; step_avg divides by the steps it covers.
+    clock = TrainClock(device, start_s=log.last_kept.get("train_time_ms", 0.0) / 1000 if step else 0.0)
+    timed_from = 0 if (step == 0 or "train_time_ms" in log.last_kept) else step
+    timer = StepTimer(device)
+    flops_per_step = {}
+    recent_ms = collections.deque(maxlen=20)
+    unit = "GPU" if device.type == "cuda" else "process"
+
     val_loss = None
     if step == 0 and cfg.val_at_start:
         window = window_blocks(0.0, cfg.window_max_tokens, cfg.attn_block)
-        val_loss, n_val = evaluate(run_model, cfg, val_files, rank, world_size, device, window)
-        say(f"step {0:>{len(str(cfg.num_steps))}}/{cfg.num_steps} | val loss {val_loss:.4f} ({n_val} tokens)")
-        log.write({"step": 0, "val_loss": val_loss, "tokens": 0})
+        val_loss = evaluate(run_model, cfg, val_stream, world_size, device, window_tensor(window))
+        say(record_line(0, cfg.num_steps, 0.0, 0, val_loss) + f" | {cfg.val_tokens} val tokens")
+        log.write({"step": 0, "val_loss": val_loss, "tokens": 0, "train_time_ms": 0.0})
 
-    step_times, train_time = [], 0.0
+    pending = []  # the steps since the last log read: their losses stay on the device until then
+    clock.start()
     while step < cfg.num_steps:
-        progress = step / cfg.num_steps
-        window = window_blocks(progress, cfg.window_max_tokens, cfg.attn_block)
-        lr_mult = lr_multiplier(progress, cfg.cooldown_frac, cfg.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lr_mult
-        for group in optimizers[1].param_groups:
-            group["momentum"] = muon_momentum(step, cfg)
-
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        local_loss = torch.zeros((), device=device)
-        for micro in range(accum):
-            inputs, targets = stream.next_batch(device)
-            if micro == accum - 1:
-                grad_sync.arm()  # only the last micro-step's backward communicates
-            loss = run_model(inputs, targets, window)
-            if step + 1 == cfg.inject_nan_step:
-                loss = loss * float("nan")
-            (loss / accum).backward()  # the record's gradient scale: sum over tokens, mean over 8 passes
-            local_loss += loss.detach()
-        grad_sync.finish()  # launches what backward did not (all of it with --overlap_comm=false)
-        train_loss = float(all_reduce_mean(local_loss)) / (accum * cfg.seq_len)
+        t_start = timer.mark()
+        local_loss, window, lr_mult = train_step(step, inject_nan=step + 1 == cfg.inject_nan_step)
         step += 1
-        if not math.isfinite(train_loss):
-            return stop_non_finite(step, "train loss", train_loss)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        train_time += dt
+        record = {"step": step, "loss": local_loss, "lr": lr_mult, "window": window, "t": (t_start, timer.mark())}
+        if device.type == "cuda":  # host-side counters: no wait
+            record["mem"] = (torch.cuda.max_memory_allocated(device) / 2**20,
+                             torch.cuda.max_memory_reserved(device) / 2**20)
+        else:
+            record["comm"] = grad_sync.timings()  # host clocks: ready now
+        pending.append(record)
 
-        entry = {"step": step, "train_loss": train_loss, "lr": lr_mult, "step_ms": 1000 * dt,
-                 "tokens": step * cfg.batch_tokens, "tokens_per_s": cfg.batch_tokens / dt, "window_blocks": window,
-                 **grad_sync.timings()}
-        if device.type == "cuda":
-            flops = approx_flops_per_token(model, cfg, window) * cfg.batch_tokens
-            entry["mfu"] = flops / dt / (cfg.peak_tflops * 1e12 * world_size)
-            entry["mem_alloc_mib"] = torch.cuda.max_memory_allocated() / 2**20
-            entry["mem_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-        if step % cfg.val_every == 0 or step == cfg.num_steps:
+        is_val = step % cfg.val_every == 0 or step == cfg.num_steps
+        is_ckpt = step == cfg.num_steps or step == cfg.stop_after or (
+            cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+        if not (is_val or is_ckpt or step % cfg.log_every == 0):
+            continue
+
+        # --- the one host read of the losses since the last one (the clock stops: train_time excludes it)
+        train_time = clock.stop()
+        losses = all_reduce_mean(torch.stack([r["loss"] for r in pending])).tolist()
+        entries, later_ms = [], 0.0
+        step_ms = [timer.ms(*r["t"]) for r in pending]
+        for i in reversed(range(len(pending))):  # train_time at each step: the read's, less the later steps
+            r, dt = pending[i], step_ms[i] / 1000
+            entry = {"step": r["step"], "train_loss": losses[i] / (accum * cfg.seq_len), "lr": r["lr"],
+                     "step_ms": step_ms[i], "train_time_ms": 1000 * train_time - later_ms,
+                     "tokens": r["step"] * cfg.batch_tokens, "tokens_per_s": cfg.batch_tokens / dt,
+                     "tokens_per_s_per_rank": cfg.batch_tokens / dt / world_size, "window_blocks": r["window"]}
+            later_ms += step_ms[i]
+            entry.update(r.get("comm") or (grad_sync.timings() if i == len(pending) - 1 else {}))
+            if "mem" in r:
+                if r["window"] not in flops_per_step:
+                    flops_per_step[r["window"]] = approx_flops_per_token(model, cfg, r["window"]) * cfg.batch_tokens
+                entry["mfu"] = flops_per_step[r["window"]] / dt / (cfg.peak_tflops * 1e12 * world_size)
+                entry["mem_alloc_mib"], entry["mem_reserved_mib"] = r["mem"]
+            entries.append(entry)
+        entries.reverse()
+        recent_ms.extend(ms for r, ms in zip(pending, step_ms) if r["step"] > start_step + 1)  # not the first step
+        pending = []
+        bad = next((e for e in entries if not math.isfinite(e["train_loss"])), None)
+        if bad is not None:
+            log.write(*entries[:entries.index(bad)])
+            return stop_non_finite(bad["step"], "train loss", bad["train_loss"])
+        last = entries[-1]
+        if is_val:
             final_window = window_blocks(step / cfg.num_steps, cfg.window_max_tokens, cfg.attn_block)
-            val_loss, _ = evaluate(run_model, cfg, val_files, rank, world_size, device, final_window)
-            entry["val_loss"] = val_loss
-        log.write(entry)
+            val_loss = evaluate(run_model, cfg, val_stream, world_size, device, window_tensor(final_window))
+            last["val_loss"] = val_loss
+        log.write(*entries)
 
-        if master and (step % cfg.log_every == 0 or step == cfg.num_steps or "val_loss" in entry):
-            recent = step_times[1:][-20:] or step_times  # the first step includes warm-up
-            eta = (cfg.num_steps - step) * sum(recent) / len(recent)
-            line = (f"step {step:>{len(str(cfg.num_steps))}}/{cfg.num_steps} | loss {train_loss:.4f} | "
-                    f"{1000 * dt:.0f} ms | {cfg.batch_tokens / dt / 1000:.1f}k tok/s | ETA {fmt_time(eta)}")
-            if "val_loss" in entry:
-                line += f" | val loss {val_loss:.4f}"
-            if world_size > 1:
-                line += f" | comm {entry['comm_exposed_ms']:.0f}/{entry['comm_total_ms']:.0f} ms exposed"
-            if "mfu" in entry:
-                line += f" | MFU {100 * entry['mfu']:.1f}% | mem {entry['mem_alloc_mib']:.0f} MiB"
-            say(line)
-        if "val_loss" in entry and not math.isfinite(val_loss):
+        line = record_line(step, cfg.num_steps, 1000 * train_time, step - timed_from, last.get("val_loss"))
+        eta = (cfg.num_steps - step) * (sum(recent_ms) / len(recent_ms) if recent_ms else last["step_ms"]) / 1000
+        line += (f" | loss {last['train_loss']:.4f} | {last['step_ms']:.0f} ms | "
+                 f"{last['tokens_per_s_per_rank'] / 1000:.1f}k tok/s/{unit} | ETA {fmt_time(eta)}")
+        if world_size > 1 and "comm_total_ms" in last:
+            line += f" | comm {last['comm_exposed_ms']:.0f}/{last['comm_total_ms']:.0f} ms exposed"
+        if "mfu" in last:
+            line += (f" | MFU {100 * last['mfu']:.1f}% | mem {last['mem_alloc_mib']:.0f}/"
+                     f"{last['mem_reserved_mib']:.0f} MiB")
+        say(line)
+        if is_val and not math.isfinite(val_loss):
             return stop_non_finite(step, "val loss", val_loss)
 
-        if step == cfg.num_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or \
-                step == cfg.stop_after:
+        if is_ckpt:
             checkpoint(step)
         if step == cfg.stop_after and step < cfg.num_steps:
             say(f"stopped after step {step} as asked (--stop_after); continue with  {resume_command(ckpt_path)}")
             return 0
+        clock.start()
 
     if val_loss is None:
         say(f"nothing to do: the run is already at step {step} of {cfg.num_steps}; to train longer: "
             f" {resume_command(resume_path or ckpt_path, f' --steps {2 * step}')}")
         return 0
+    train_time = clock.total
+    timed = max(step - timed_from, 1)
     say(f"done: {step} steps, {fmt_time(train_time)} of training, final val loss {val_loss:.4f}, checkpoint {ckpt_path}")
+    summary = (f"train_time {train_time:.1f} s, step_avg {1000 * train_time / timed:.2f} ms, "
+               f"{cfg.batch_tokens * timed / train_time / world_size / 1000:.1f}k tokens/s per {unit}")
+    if device.type == "cuda":
+        summary += (f", peak memory allocated: {torch.cuda.max_memory_allocated(device) // 2**20} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved(device) // 2**20} MiB")
+    say(summary + " (the record: 178.6 s, 100.97 ms/step, ~487k tokens/s per GPU, 30724 MiB allocated)")
     if source:
         H = source["entropy_nats_per_token"]
         say(f"final val loss {val_loss:.4f} nats | source entropy {H:.4f} nats/token "
             f"(true model on these val tokens: {source['val_oracle_loss']:.4f}) | gap {val_loss - H:+.4f}")
+    if master:
+        where = f"log {out / 'log.jsonl'}"
+        if cfg.plot:
+            from speedrun import plot
+            try:
+                where += f", plot {plot.write_plot([out], out / 'plot.png')}"
+            except plot.PlotError as e:
+                where += f" (no plot: {e})"
+        say(f"{where}; compare runs with: python -m speedrun.plot {out} OTHER_RUN_DIR ...")
     return 0
 
 

@@ -77,55 +77,220 @@ def test_missing_shard_and_out_of_vocab_ids(tmp_path):
 # Token streams
 # ---------------------------------------------------------------------------
 
-def _stream_files(tmp_path, sizes):
+def _stream_files(tmp_path, sizes, split="train"):
+    """Shards whose tokens are their global positions (mod 60000), so a token says where it came from."""
     files, start = [], 0
     for i, n in enumerate(sizes):
-        files.append(_shard(tmp_path / f"s_train_{i + 1:06d}.bin", np.arange(start, start + n) % 60000))
+        files.append(_shard(tmp_path / f"s_{split}_{i + 1:06d}.bin", np.arange(start, start + n) % 60000))
         start += n
     return files
 
 
-def test_stream_windows_ranks_and_shard_boundaries(tmp_path):
-    # Two shards of 37 and 29 tokens, windows of 12 (+1 target): shard 1 gives windows at 0, 12, 24
-    # (24+13 = 37 fits exactly), shard 2 at 37+0, 37+12 (its last 4 tokens are skipped), then the
-    # stream wraps to shard 1 as epoch 1.
-    files = _stream_files(tmp_path, [37, 29])
-    expected_starts = [0, 12, 24, 37, 49, 0, 12]
-    for world_size in (1, 2, 3):
-        streams = [data.TokenStream(files, 12, r, world_size) for r in range(world_size)]
-        local = 12 // world_size
-        for k, start in enumerate(expected_starts):
-            for r, s in enumerate(streams):
-                inputs, targets = s.next_batch()
-                first = start + r * local
-                assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
-                assert inputs.tolist() == list(range(first, first + local))
-                assert targets.tolist() == list(range(first + 1, first + local + 1))
-        assert streams[0].epoch == 1
+def _record_windows(sizes, step_tokens):
+    """The record's loader rule, written out independently: every step's window as a list of global positions.
+
+    Within a shard the windows start at 0, B, 2B, ... and a window is used only if the shard
+    still has a token after its last target, i.e. start + B + 1 < len; then the next shard;
+    after the last shard, the first again (an epoch).
+    """
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    while True:
+        for k, n in enumerate(sizes):
+            start = 0
+            while start + step_tokens + 1 < n:
+                yield list(range(offsets[k] + start, offsets[k] + start + step_tokens + 1))
+                start += step_tokens
+
+
+# B = 48: 145 = 3B+1 (the third window would end exactly at the end: skipped), 49 = B+1 (no window at
+# all), 50 = B+2 (one), 211 (four, odd tail), 97 = 2B+1 (the second window is an exact fit: one).
+SIZES, B = [145, 49, 50, 211, 97], 48
+LAYOUTS = [(1, 1), (1, 4), (2, 1), (2, 3), (4, 1), (4, 2), (8, 1), (8, 2), (2, 8)]  # (world_size, micro-steps)
+
+
+def _step_tokens(streams, world_size, accum):
+    """All ranks' sequences of one step, put back in sequence order: (inputs, targets) as flat lists."""
+    per_rank = [s.next_step() for s in streams]
+    assert all(len(batches) == accum for batches in per_rank)
+    seqs = {}
+    for r, batches in enumerate(per_rank):
+        for m, (inputs, targets) in enumerate(batches):
+            assert inputs.dtype == torch.int32 and targets.dtype == torch.int64
+            seqs[m * world_size + r] = (inputs.tolist(), targets.tolist())  # micro-step m on rank r
+    assert sorted(seqs) == list(range(world_size * accum))
+    return ([t for i in sorted(seqs) for t in seqs[i][0]], [t for i in sorted(seqs) for t in seqs[i][1]])
+
+
+@pytest.mark.parametrize("world_size, accum", LAYOUTS)
+def test_stream_steps_follow_the_record_rule_at_every_world_size(tmp_path, world_size, accum):
+    files = _stream_files(tmp_path, SIZES)
+    seq_len = B // (world_size * accum)
+    streams = [data.TokenStream(files, B, seq_len, r, world_size) for r in range(world_size)]
+    oracle = _record_windows(SIZES, B)
+    for k in range(20):  # 8 windows per epoch: two wraps
+        window = next(oracle)
+        inputs, targets = _step_tokens(streams, world_size, accum)
+        assert inputs == window[:-1] and targets == window[1:], f"step {k}"
+    assert streams[0].epoch == 2 and all(s.state_dict() == streams[0].state_dict() for s in streams)
+
+
+def test_stream_position_is_world_size_independent(tmp_path):
+    # A position saved by one process continues on eight (and back): the state is the step's, not a rank's.
+    files = _stream_files(tmp_path, SIZES)
+    one = data.TokenStream(files, B, B, 0, 1)
+    for _ in range(6):
+        one.next_step()
+    state = one.state_dict()
+    oracle = _record_windows(SIZES, B)
+    for _ in range(6):
+        next(oracle)
+    eight = [data.TokenStream(files, B, 3, r, 8) for r in range(8)]
+    for s in eight:
+        s.load_state_dict(state)
+    for _ in range(5):
+        window = next(oracle)
+        assert _step_tokens(eight, 8, 2) == (window[:-1], window[1:])
+    back = data.TokenStream(files, B, 12, 0, 1)
+    back.load_state_dict(eight[0].state_dict())
+    window = next(oracle)
+    assert _step_tokens([back], 1, 4) == (window[:-1], window[1:])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8, 16])
+def test_validation_covers_exactly_val_tokens_at_every_world_size(tmp_path, world_size):
+    # 5 sequences of 8 tokens: on 2, 3, 4, 8 or 16 ranks the last round is partial (some ranks idle).
+    # The first shard is an exact fit (41 = val_tokens + 1): the rule skips it, as in training.
+    V, S = 40, 8
+    files = _stream_files(tmp_path, [41, 100], split="val")
+    seen = {}
+    for r in range(world_size):
+        s = data.TokenStream(files, V, S, r, world_size, wrap=False)
+        for _ in range(2):  # reset() gives the same validation set every time
+            s.reset()
+            windows = s.next_windows()
+            assert len(windows) == len(range(r, 5, world_size))
+        for i, w in zip(range(r, 5, world_size), windows):
+            assert i not in seen
+            seen[i] = w.to(torch.int64).tolist()
+    assert sorted(seen) == list(range(5))
+    assert [t for i in range(5) for t in seen[i][:-1]] == list(range(41, 41 + V))
+    assert all(seen[i][-1] == seen[i + 1][0] for i in range(4))  # each target run continues into the next
+
+
+def test_stream_to_device_keeps_ids_above_32767(tmp_path):
+    files = [_shard(tmp_path / "h_train_000001.bin", [50256, 32768, 65535, 1, 2, 3, 4, 5, 6, 7])]
+    (inputs, targets), = data.TokenStream(files, 4, 4).next_step()
+    assert inputs.tolist() == [50256, 32768, 65535, 1] and targets.tolist() == [32768, 65535, 1, 2]
 
 
 def test_stream_state_restores_position(tmp_path):
     files = _stream_files(tmp_path, [40, 40, 40])
-    a = data.TokenStream(files, 10, 0, 1)
+    a = data.TokenStream(files, 10, 5, 0, 1)
     for _ in range(5):
-        a.next_batch()
+        a.next_step()
     state = a.state_dict()
-    expected = [a.next_batch()[0].tolist() for _ in range(7)]
-    b = data.TokenStream(files, 10, 0, 1)
+    expected = [a.next_step()[1][0].tolist() for _ in range(7)]
+    b = data.TokenStream(files, 10, 5, 0, 1)
     b.load_state_dict(state)
-    assert [b.next_batch()[0].tolist() for _ in range(7)] == expected
+    assert [b.next_step()[1][0].tolist() for _ in range(7)] == expected
+    assert b.changes == []
 
 
 def test_stream_without_wrap_runs_out_and_too_small_shards(tmp_path):
     files = _stream_files(tmp_path, [25])
-    s = data.TokenStream(files, 10, 0, 1, wrap=False)
-    s.next_batch(), s.next_batch()
+    s = data.TokenStream(files, 10, 10, 0, 1, wrap=False)
+    s.next_step(), s.next_step()  # windows at 0 and 10; 20 + 11 > 25
     with pytest.raises(data.ShardError, match="ran out of tokens"):
-        s.next_batch()
-    with pytest.raises(data.ShardError, match="shorter than one window of 26"):
-        data.TokenStream(files, 25, 0, 1)
-    with pytest.raises(ValueError, match="not divisible by world_size=3"):
-        data.TokenStream(files, 10, 0, 3)
+        s.next_step()
+    with pytest.raises(data.ShardError, match="a shard of more than 25"):
+        data.TokenStream(files, 24, 24, 0, 1)  # 24 + 1 == 25: an exact fit is not used
+    with pytest.raises(ValueError, match="not a multiple of seq_len=3"):
+        data.TokenStream(files, 10, 3, 0, 1)
+    with pytest.raises(ValueError, match="rank: expected 0 <= rank < world_size=2"):
+        data.TokenStream(files, 10, 5, 2, 2)
+
+
+# ---------------------------------------------------------------------------
+# The data's identity and the saved position (issue 15, item 5)
+# ---------------------------------------------------------------------------
+
+SPEC = {"seed": 1, "vocab": 12}
+
+
+def _saved(tmp_path, sizes=(40, 40, 40), steps=3):
+    files = _stream_files(tmp_path, sizes)
+    s = data.TokenStream(files, 10, 5, identity={"synthetic": SPEC})
+    for _ in range(steps):
+        s.next_step()
+    return files, s.state_dict()
+
+
+def test_state_holds_the_data_identity(tmp_path):
+    files, state = _saved(tmp_path)
+    assert state["identity"] == {"shards": [[f.name, 40] for f in files], "synthetic": SPEC}
+    assert state["step_tokens"] == 10 and (state["file_index"], state["pos"], state["epoch"]) == (0, 30, 0)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("resized", "s_train_000002.bin has 41 tokens, 40 in the checkpoint"),
+    ("added", "s_train_000004.bin is new"),
+    ("removed", "s_train_000003.bin is gone"),
+    ("spec", "synthetic: {'seed': 2, 'vocab': 12} here"),
+])
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, change, words):
+    files, state = _saved(tmp_path)
+    spec = SPEC
+    if change == "resized":
+        _shard(files[1], np.arange(41))
+    elif change == "added":
+        files.append(_shard(tmp_path / "s_train_000004.bin", np.arange(40)))
+    elif change == "removed":
+        files = files[:2]
+    else:
+        spec = {"seed": 2, "vocab": 12}
+    fresh = data.TokenStream(files, 10, 5, identity={"synthetic": spec})
+    with pytest.raises(data.DataStateError) as err:
+        fresh.load_state_dict(state)
+    assert words in str(err.value) and "--allow_data_change" in str(err.value)
+    assert fresh.state_dict()["pos"] == 0  # nothing was taken from the refused state
+    allowed = data.TokenStream(files, 10, 5, identity={"synthetic": spec}, allow_data_change=True)
+    allowed.load_state_dict(state)
+    assert any(words in c for c in allowed.changes) and allowed.state_dict()["pos"] == 30
+
+
+def test_old_state_without_identity_needs_permission(tmp_path):
+    files, state = _saved(tmp_path)
+    old = {k: state[k] for k in ("file_index", "pos", "epoch")}
+    with pytest.raises(data.DataStateError, match="does not record which data"):
+        data.TokenStream(files, 10, 5, identity={"synthetic": SPEC}).load_state_dict(old)
+    s = data.TokenStream(files, 10, 5, identity={"synthetic": SPEC}, allow_data_change=True)
+    s.load_state_dict(old)
+    assert s.state_dict()["pos"] == 30
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("file_index", 99, "file_index=99 is outside the 3 shard"),
+    ("file_index", -1, "file_index=-1 is outside"),
+    ("file_index", "0", "'file_index' must be an int, found '0'"),
+    ("file_index", True, "'file_index' must be an int, found True"),
+    ("pos", 40, "pos=40 is not a step start in s_train_000001.bin (40 tokens"),
+    ("pos", -10, "pos=-10 is not a step start"),
+    ("pos", 15, "pos=15 is not a step start"),
+    ("pos", 2.5, "'pos' must be an int, found 2.5"),
+    ("pos", None, "'pos' must be an int, found None"),
+    ("epoch", -1, "epoch=-1 is negative"),
+    ("step_tokens", 20, "saved for steps of 20 tokens, this stream takes 10"),
+    ("identity", [1], "'identity' must be a dict, found list"),
+])
+def test_bad_saved_position_is_a_clear_error(tmp_path, key, value, words):
+    files, state = _saved(tmp_path)
+    state[key] = value
+    s = data.TokenStream(files, 10, 5, identity={"synthetic": SPEC}, allow_data_change=True)
+    with pytest.raises(data.DataStateError) as err:
+        s.load_state_dict(state)
+    assert words in str(err.value)
+    with pytest.raises(data.DataStateError, match="expected a dict, found list"):
+        s.load_state_dict([1, 2])
 
 
 # ---------------------------------------------------------------------------

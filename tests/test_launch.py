@@ -38,7 +38,7 @@ def test_resume_through_run_sh_uses_the_checkpoints_preset(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = _run_sh("--resume", str(out / "checkpoint.pt"), "--steps", "6")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed at step 4" in resumed.stdout and "step 6/6" in resumed.stdout
+    assert "resumed at step 4" in resumed.stdout and "step:6/6" in resumed.stdout
     assert _steps(out)[-1] == 6
 
 

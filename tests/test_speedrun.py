@@ -4,17 +4,20 @@
 import json
 import math
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from speedrun import data
+from speedrun import data, plot, train_gpt
 from speedrun.attention import block_mask_to_dense, dense_mask, flex_block_mask
 from speedrun.config import build_config, parse_overrides
 from speedrun.model import GPT
-from speedrun.train_gpt import lr_multiplier, main, muon_momentum, window_blocks
+from speedrun.train_gpt import evaluate, lr_multiplier, main, muon_momentum, window_blocks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EOT = data.EOT
@@ -130,6 +133,22 @@ def test_overrides_and_validation():
     assert [cfg.grad_accum(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(ValueError, match="not a multiple of world_size"):
         cfg.grad_accum(3)
+    # The record's 10,485,760 validation tokens are 40 whole sequences of 262,144: any rank count covers them.
+    assert cfg.val_tokens == 40 * cfg.val_seq_len
+    with pytest.raises(ValueError, match="--val_tokens: expected a multiple of val_seq_len=128"):
+        build_config("smoke", {"val_tokens": 200})
+    # Compiled on CUDA by default, eager on a CPU; any other value is refused.
+    assert cfg.compile_backend("cuda") == "inductor" and cfg.compile_backend("cpu") is None
+    assert build_config("smoke", {"compile": "aot_eager"}).compile_backend("cpu") == "aot_eager"
+    assert build_config("smoke", {"compile": "false"}).compile_backend("cuda") is None
+    with pytest.raises(ValueError, match="--compile: expected one of auto, true, false"):
+        build_config("smoke", {"compile": "fast"})
+    # A bare boolean switch is true; permission to change the data is never inherited by a resume.
+    assert parse_overrides(["--allow_data_change", "--steps", "3"]) == {"allow_data_change": True, "num_steps": 3}
+    assert parse_overrides(["--allow_data_change"]) == {"allow_data_change": True}
+    base = vars(build_config("smoke", {"allow_data_change": True}))
+    assert build_config("smoke", {}, base=base).allow_data_change is False
+    assert build_config("smoke", {}, base={**base, "compile": False}).compile == "false"  # an older checkpoint
 
 
 # ---------------------------------------------------------------------------
@@ -190,6 +209,60 @@ def test_model_is_causal_and_document_isolated():
     assert moved[j:90].all()
 
 
+def _compile_case(training: bool):
+    # Every kind of layer: value embeddings, a block without attention, long and short windows, the FP8 head.
+    model, cfg = _small_model(seed=2, num_value_embeds=1, no_attention_layers=(2,))
+    with torch.no_grad():
+        model.lm_head_w.normal_(0, 0.05)  # zero at init: nothing would flow back through the head
+    model.train(training)
+    tokens = _tokens(cfg.seq_len + 1, 0.03, seed=5, eot_at=(0, 40))
+    return model, tokens[:-1].to(torch.int32), tokens[1:]
+
+
+def test_model_traces_with_no_graph_break():
+    # The record compiles its whole model: every kernels op and the mask builders must trace as
+    # one graph, in training (FP8 head) and evaluation (chunked head), with the window as a tensor.
+    for training in (True, False):
+        model, inputs, targets = _compile_case(training)
+        explained = torch._dynamo.explain(model)(inputs, targets, torch.tensor(2, dtype=torch.int32))
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+
+
+def test_compiled_forward_and_backward_match_eager_without_recompiling():
+    torch._dynamo.reset()
+    model, inputs, targets = _compile_case(True)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="aot_eager")
+    results = []
+    for fn in (model, compiled):
+        loss = fn(inputs, targets, torch.tensor(2, dtype=torch.int32))
+        results.append((loss, *torch.autograd.grad(loss, list(model.parameters()))))
+    for (name, _), got, want in zip([("loss", None), *model.named_parameters()], results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+    # Another window size is another value of the same input: no second compilation.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        loss = compiled(inputs, targets, torch.tensor(3, dtype=torch.int32))
+        loss.backward()
+    assert torch.equal(loss, model(inputs, targets, 3))
+
+
+def test_evaluate_is_the_mean_over_exactly_val_tokens(tmp_path):
+    # A stand-in model whose "loss" is the mean target id: the result must be the mean over exactly
+    # the first val_tokens targets of the validation window (3 sequences of 128).
+    tokens = np.arange(2000) % 1000
+    data.write_shard(tmp_path / "t_val_000000.bin", tokens)
+    cfg = build_config("smoke", {"val_tokens": 384})
+    stream = data.TokenStream([tmp_path / "t_val_000000.bin"], 384, 128, wrap=False)
+
+    class MeanTarget(torch.nn.Module):
+        def forward(self, inputs, targets, window):
+            assert not self.training and inputs.shape == (128,)
+            return targets.double().mean()
+
+    got = evaluate(MeanTarget(), cfg, stream, 1, torch.device("cpu"), 1)
+    assert got == pytest.approx(tokens[1:385].mean(), rel=1e-6)
+    assert evaluate(MeanTarget(), cfg, stream, 1, torch.device("cpu"), 1) == got  # the same set every time
+
+
 # ---------------------------------------------------------------------------
 # Trainer runs (smoke preset)
 # ---------------------------------------------------------------------------
@@ -225,9 +298,29 @@ def test_smoke_run_log_and_checkpoint(tmp_path, smoke_data, capsys):
     assert [e["step"] for e in log if "val_loss" in e] == [0, 2, 4]
     assert log[1]["train_loss"] == pytest.approx(math.log(50304), rel=1e-6)  # zero-init head
     assert log[-1]["val_loss"] < log[0]["val_loss"] - 1.0  # it learns
-    assert "step 4/4" in out and "source entropy" in out
+    # train_time: the record's (steps only), growing by each step's time; tokens/s per rank.
+    times = [e["train_time_ms"] for e in log]
+    assert times[0] == 0 and all(b > a for a, b in zip(times, times[1:]))
+    for prev, e in zip(log[1:], log[2:]):
+        assert e["train_time_ms"] - prev["train_time_ms"] == pytest.approx(e["step_ms"], rel=0.05)  # no val time
+        assert e["tokens_per_s_per_rank"] == pytest.approx(256 / (e["step_ms"] / 1000))
+    # The record's line form, beside this trainer's fields.
+    val_line = re.search(r"^step:4/4 val_loss:(\d+\.\d{4}) train_time:(\d+)ms step_avg:(\d+\.\d\d)ms \| loss "
+                         r"\d+\.\d{4} \| \d+ ms \| [\d.]+k tok/s/process", out, re.M)
+    assert val_line, out
+    assert float(val_line.group(1)) == pytest.approx(log[-1]["val_loss"], abs=5e-5)
+    assert int(val_line.group(2)) == round(log[-1]["train_time_ms"])
+    assert float(val_line.group(3)) == pytest.approx(log[-1]["train_time_ms"] / 4, abs=0.006)
+    assert re.search(r"^step:0/4 val_loss:10\.8258 train_time:0ms step_avg:0\.00ms", out, re.M)
+    assert re.search(r"^step:3/4 train_time:\d+ms step_avg:[\d.]+ms \| loss", out, re.M)
+    assert "source entropy" in out and f"log {tmp_path / 'log.jsonl'}" in out
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["data"]["pos"] > 0 and ckpt["config"]["preset"] == "smoke"
+    # The data's identity travels with the position.
+    identity = ckpt["data"]["identity"]
+    assert identity["shards"] == [["synthetic_train_000001.bin", 1 << 14]]
+    assert identity["val_shards"] == [["synthetic_val_000000.bin", 1 << 12]]
+    assert identity["synthetic"]["train_tokens"] == 1 << 14 and ckpt["data"]["step_tokens"] == 256
 
 
 @pytest.mark.slow
@@ -251,6 +344,94 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, smoke_data, c
 
 
 @pytest.mark.slow
+def test_warm_up_leaves_the_run_unchanged(tmp_path, smoke_data, capsys):
+    # Warm-up steps train on the real shapes and data, then model, optimizer, data and RNG go back:
+    # the run after it is the run without it, bit for bit.
+    common = ["--data", str(smoke_data), "--steps", "3", "--val_every", "3"]
+    assert _run(capsys, *common, "--out", str(tmp_path / "cold"), "--warmup_steps=0")[0] == 0
+    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "warm"), "--warmup_steps=3")
+    assert code == 0, err
+    assert "warm-up 3 step(s)" in out and "warm-up: 3 untimed step(s)" in out
+    cold, warm = _log(tmp_path / "cold"), _log(tmp_path / "warm")
+    assert [(e.get("train_loss"), e.get("val_loss")) for e in cold] == \
+        [(e.get("train_loss"), e.get("val_loss")) for e in warm]
+    a = torch.load(tmp_path / "cold" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "warm" / "checkpoint.pt", weights_only=True)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["data"] == b["data"]
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for idx, state in sa["state"].items():
+            for key, t in state.items():
+                assert torch.equal(t, sb["state"][idx][key]), (idx, key)
+
+
+@pytest.mark.slow
+def test_losses_are_read_on_the_host_every_log_every_steps(tmp_path, smoke_data, capsys, monkeypatch):
+    # The step never waits for its loss: the losses stay on the device and are reduced and read
+    # together at log steps (and before validation and checkpoints), and every step is still logged.
+    reads = []
+    real = train_gpt.all_reduce_mean
+    monkeypatch.setattr(train_gpt, "all_reduce_mean", lambda t: reads.append(t.numel()) or real(t))
+    code, out, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "a"), "--steps", "7",
+                          "--log_every", "3", "--val_every", "100", "--val_at_start=false")
+    assert code == 0, err
+    assert reads == [3, 3, 1]  # steps 1-3, 4-6 and 7 (the last)
+    assert [e["step"] for e in _log(tmp_path / "a")] == list(range(1, 8))
+    assert re.findall(r"^step:(\d+)/7", out, re.M) == ["3", "6", "7"]
+    # A non-finite loss found at a later read still names its own step and the last good checkpoint,
+    # and no checkpoint is written from the steps after it.
+    code, out, _ = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "b"), "--steps", "8",
+                        "--log_every", "4", "--checkpoint_every", "2", "--inject_nan_step", "5")
+    assert code == 3
+    assert "step 5: train loss is nan (not finite); stopping" in out
+    # checkpoint.pt (step 4) holds the weights that gave step 5's NaN: the good one is the one before it
+    assert f"last good checkpoint is {tmp_path / 'b' / 'checkpoint.prev.pt'} (step 2;" in out
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 4
+    log = _log(tmp_path / "b")
+    assert [e["step"] for e in log] == [0, 1, 2, 3, 4, 5] and log[-1]["error"] == "non-finite train loss"
+
+
+def _copy_data(src, dest):
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+@pytest.mark.slow
+def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, smoke_data, capsys):
+    d = _copy_data(smoke_data, tmp_path / "d")
+    assert _run(capsys, "--data", str(d), "--out", str(tmp_path / "o"), "--steps", "2", "--stop_after", "1")[0] == 0
+    ckpt = tmp_path / "o" / "checkpoint.pt"
+    data.write_shard(d / "synthetic_train_000002.bin", np.arange(1000))  # more data appeared
+    code, _, err = _run(capsys, "--resume", str(ckpt))
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "the data differ from the checkpoint's (shards: synthetic_train_000002.bin is new)" in err
+    assert "--allow_data_change" in err
+    code, out, err = _run(capsys, "--resume", str(ckpt), "--allow_data_change")
+    assert code == 0, err
+    assert "warning: resuming on other data than the checkpoint's" in out and "resumed at step 1" in out
+    # The new checkpoint records the new data, and the permission was for that resume only.
+    assert len(torch.load(ckpt, weights_only=True)["data"]["identity"]["shards"]) == 2
+    data.write_shard(d / "synthetic_train_000003.bin", np.arange(1000))
+    code, _, err = _run(capsys, "--resume", str(ckpt))
+    assert code == 2 and "synthetic_train_000003.bin is new" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_index, words", [(99, "file_index=99 is outside the 1 shard(s)"),
+                                               (-1, "file_index=-1 is outside the 1 shard(s)")])
+def test_resume_with_a_bad_data_position_is_a_clear_error(tmp_path, smoke_data, capsys, file_index, words):
+    assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ckpt["data"]["file_index"] = file_index
+    torch.save(ckpt, tmp_path / "bad.pt")
+    code, _, err = _run(capsys, "--resume", str(tmp_path / "bad.pt"), "--steps", "2")
+    assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
 def test_resume_rejects_a_changed_model(tmp_path, smoke_data, capsys):
     assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
     code, _, err = _run(capsys, "--resume", str(tmp_path / "checkpoint.pt"), "--model_dim=64")
@@ -265,6 +446,11 @@ def test_missing_data_dir_prints_the_download_command(tmp_path, capsys):
     assert code == 2
     assert f"data dir {missing}: directory does not exist" in err
     assert f"python -m speedrun.data download --shards 8 --dir {missing}" in err
+
+
+def test_val_tokens_beyond_the_validation_shards_are_refused(tmp_path, smoke_data, capsys):
+    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--val_tokens", "4096")
+    assert code == 2 and "--val_tokens=4096: no validation shard" in err and "has 4096" in err
 
 
 def test_corrupt_shard_is_named(tmp_path, smoke_data, capsys):
@@ -291,19 +477,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smok
     assert _log(tmp_path)[-1] == {"step": 5, "train_loss": None, "error": "non-finite train loss"}
 
 
-def _torchrun(nproc, out, smoke_data, timeout=300):
+def _torchrun(nproc, out, smoke_data, *extra, timeout=300):
     env = {**os.environ, "NPROC": str(nproc), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(["bash", "run.sh", "--preset", "smoke", "--data", str(smoke_data), "--out", str(out)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", "run.sh", "--preset", "smoke", "--data", str(smoke_data), "--out", str(out),
+                           *extra], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
     # 1 process accumulates two 128-token passes; 2 processes take one each and average the
     # gradients with gloo. Same tokens per step, so the same losses up to float rounding.
-    one = _torchrun(1, tmp_path / "one", smoke_data)
+    # Validation is 3 sequences: on 2 processes the second round has one (rank 1 idles), and the
+    # loss is still the mean over the same 384 tokens.
+    one = _torchrun(1, tmp_path / "one", smoke_data, "--val_tokens=384")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, tmp_path / "two", smoke_data)
+    two = _torchrun(2, tmp_path / "two", smoke_data, "--val_tokens=384")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es) x 1 micro-step(s)" in two.stdout and "1 process(es) x 2 micro-step(s)" in one.stdout
     a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
@@ -313,6 +501,57 @@ def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-4), (key, x, y)
     assert a[-1]["val_loss"] < a[0]["val_loss"] - 1.0
+
+
+@pytest.mark.slow
+def test_compiled_trainer_with_warm_up(tmp_path, smoke_data, capsys):
+    # The trainer's compile path (what CUDA runs with inductor), through aot_eager on a CPU: the
+    # gradient hooks still feed the buckets, warm-up compiles, and the losses are eager's.
+    common = ["--data", str(smoke_data), "--steps", "3", "--val_every", "3"]
+    assert _run(capsys, *common, "--out", str(tmp_path / "eager"))[0] == 0
+    torch._dynamo.reset()
+    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "compiled"), "--compile=aot_eager",
+                          "--warmup_steps=1")
+    assert code == 0, err
+    assert "compile aot_eager, warm-up 1 step(s)" in out
+    for a, b in zip(_log(tmp_path / "eager"), _log(tmp_path / "compiled")):
+        for key in ("train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+@pytest.mark.slow
+def test_plot_draws_runs_and_a_record_style_log(tmp_path, smoke_data, capsys):
+    for name in ("a", "b"):
+        assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / name), "--steps", "3",
+                    "--val_every", "1", "--seed", str(ord(name)))[0] == 0
+    record_log = tmp_path / "record.txt"
+    record_log.write_text("code...\nstep:0/3 val_loss:10.8258 train_time:0ms step_avg:0.02ms\n"
+                          "step:1/3 train_time:900ms step_avg:900.00ms\n"
+                          "step:3/3 val_loss:6.0000 train_time:2700ms step_avg:900.00ms\n")
+    assert plot.main([str(tmp_path / "a")]) == 0
+    png = (tmp_path / "a" / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), str(record_log), "--out",
+                      str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    rec = plot.read_run(record_log)
+    assert rec["val"] == [(0, 0.0, 10.8258), (3, 2.7, 6.0)] and not rec["train"]
+    run = plot.read_run(tmp_path / "a")
+    assert [s for s, _, _ in run["val"]] == [0, 1, 2, 3] and len(run["train"]) == len(run["rate"]) == 3
+    capsys.readouterr()
+    assert plot.main([str(tmp_path / "missing")]) == 2
+    assert "missing: no such run directory" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "train_loss": 3.0}\n')
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert plot.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "matplotlib is not installed (pip install -e '.[bench]'" in err
 
 
 @pytest.mark.slow
@@ -328,3 +567,13 @@ def test_cpu_demo_reaches_the_source_entropy(tmp_path):
     final = _log(tmp_path / "o")[-1]
     assert final["step"] == 150 and final["val_loss"] - info["entropy_nats_per_token"] < 0.3
     assert "source entropy" in res.stdout
+    # It says where its log and its picture are, and the picture is there (if run.sh's Python has
+    # matplotlib; without it, one line says so and the run still succeeds).
+    out = tmp_path / "o"
+    python = os.environ.get("PYTHON", "python3")
+    if subprocess.run([python, "-c", "import matplotlib"], capture_output=True).returncode == 0:
+        assert f"log {out / 'log.jsonl'}, plot {out / 'plot.png'}" in res.stdout
+        assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert f"log {out / 'log.jsonl'} (no plot: matplotlib is not installed (pip install -e '.[bench]'" \
+            in res.stdout
