@@ -268,8 +268,9 @@ def restore(ckpt: dict, model, optimizers, stream, world_size: int, say, source=
     except Exception as e:
         raise SetupError(f"{where}: the saved random state is unusable: {_first_line(e)}") from None
     if ckpt["world_size"] != world_size:
-        say(f"warning: the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}; "
-            "the token stream continues but the losses will not match an uninterrupted run exactly")
+        say(f"note: the checkpoint was written by {ckpt['world_size']} process(es), this run has {world_size}; "
+            "each step takes the same tokens (the stream is step-based), but the gradients are summed in "
+            "another order, so the losses match an uninterrupted run only to float rounding")
     return int(ckpt["step"])
 
 
