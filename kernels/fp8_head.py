@@ -62,11 +62,20 @@ logits, 6144 rows in 8 chunks with fp32 logits) plus ~0.55 GB of quantised
 operands, their transposes, dx, the fp32 dW accumulator and one fp32 partial:
 ~2.1 GB, ~20 % of the record's. The price of chunking is the dW accumulation:
 torch._scaled_mm cannot add into its output, so every chunk after the first
-writes an fp32 partial and adds it (4 × 154.5 MB of traffic, 0.18 ms at
-3.35 TB/s per chunk; 0.7 ms over 5 chunks, ~5 % of the op). The Triton FP8 GEMM
+writes an fp32 partial (154.5 MB) and adds it (3 × 154.5 MB: 0.14 ms at
+3.35 TB/s; 0.55 ms over 5 chunks, ~5 % of the op). The Triton FP8 GEMM
 (kernels.triton_impl.fp8_head, config dw_gemm="triton") adds into the
-accumulator in its epilogue instead (2 × 154.5 MB per chunk); which is faster is
-for bench_fp8_head to measure.
+accumulator in its epilogue instead (2 × 154.5 MB per chunk, no separate pass);
+which is faster is for bench_fp8_head to measure.
+
+Floors (H100 SXM datasheet; bench_fp8_head prints the table per stage): the
+three GEMMs are 5.76 ms of FP8 FLOPs; rounding="record" adds the CE (2.96 ms of
+special-function ops on the Triton backend, 2.37 ms on the cuda one), the dl
+transpose (1.48 ms) and the dW adds (0.55 ms): 10.9 / 10.3 ms, against 11.2 ms
+for the record's path at the same floors (its CE forward, CE backward + e5m2
+cast and transposed copy are 5.5 ms). rounding="fp32" moves 4-byte logits:
+13.1 ms. The issue's 1.1x over the record's path is therefore not in reach of
+this design by the floors alone; what it does reach is the memory target.
 
 Order: quantisation -> reference -> chunked driver (the fast backends' shared
 loop) -> torch.library ops -> public function.

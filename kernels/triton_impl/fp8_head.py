@@ -20,15 +20,16 @@ Stages (kernels.fp8_head.Stages; the loop itself is kernels.fp8_head.chunked_for
     transpose  _transpose_bytes_kernel: dl [n, V] -> dlᵀ [V, n16] in tiles, zero in the padding.
 
 Napkin floors per stage at T = 49152, D = 768, V = 50304, bf16 logits (rounding="record"), H100
-SXM (FP8 1979 TFLOP/s dense, 3.35 TB/s, MUFU 16/clk/SM × 132 SMs × 1.755 GHz = 3.7e12/s):
+SXM (FP8 1979 TFLOP/s dense, 3.35 TB/s, MUFU 16/clk/SM × 132 SMs × 1.98 GHz = 4.18e12/s):
     quantise x, W      0.38 GB                            0.11 ms
-    logits GEMM        3.80 TFLOP, writes 4.95 GB         1.92 ms (FLOPs), 1.48 ms (bytes)
-    CE                 reads 4.95 GB, writes 2.47 GB      2.21 ms (bytes), 3.34 ms (5 MUFU × 2.47e9)
+    logits GEMM        3.80 TFLOP, writes 4.95 GB         1.92 ms (FLOPs; 1.48 ms of bytes)
+    CE                 reads 4.95 GB, writes 2.47 GB      2.96 ms (5 MUFU × 2.47e9; 2.21 ms of bytes)
     transpose dl       2.47 + 2.47 GB                     1.48 ms
     dx GEMM            3.80 TFLOP                         1.92 ms
-    dW GEMM + adds     3.80 TFLOP; 4 × 0.46 GB of adds    1.92 ms + 0.55 ms
-  sum of the floors (no stage overlaps another): 11.2 ms. fp32 logits (rounding="fp32") double the
-  logits' bytes: +1.48 ms in the GEMM (then memory-bound at 2.95 ms), CE bytes 3.69 ms.
+    dW GEMM            3.80 TFLOP                         1.92 ms
+    dW fp32 adds       4 × 3 × 154.5 MB                   0.55 ms (none with dw_gemm="triton")
+  sum of the floors (no stage overlaps another): 10.9 ms; the record's path: 11.2 ms. fp32 logits
+  (rounding="fp32") double the logits' bytes: the GEMM becomes memory-bound (3.06 ms), the CE 3.69 ms.
   bench_fp8_head prints these beside its timings.
 
 Numerics follow kernels/fp8_head.py (reference_forward / reference_backward):
