@@ -12,6 +12,8 @@ Kernels and providers (the loss is summed over tokens, as in the speedrun's trai
                     instead of _scaled_mm + an fp32 add per chunk. A candidate: whichever of it and
                     "triton" is slower at the speedrun shape on the first GPU run is to be deleted
                     (the config key dw_gemm with it, if this one loses).
+    triton_4_chunks triton with 2 GiB of chunk buffers (4 chunks, not 6): less dW-add traffic, more
+                    memory; the first GPU run sets kernels.fp8_head.CHUNK_BYTES from the two.
   fp8_head_ce     the CE kernel alone on one chunk of bf16 logits [C, V] (loss, lse, e5m2 dl):
                     bytes = the logits read (the issue's ">= 2.5 TB/s of logits read")
   fp8_head_stage  each stage of one chunk at the speedrun shape, the napkin floor printed beside it
@@ -178,7 +180,8 @@ def _op_providers(ctx, shape, targets, logit_scale, scales):
     for backend in ("triton", "cuda"):
         reason = ctx.unavailable("fp8_head", backend)
         for suffix, rounding, overrides in (("", "record", None), ("_fp32", "fp32", None),
-                                            ("_dw_gemm", "record", {"dw_gemm": "triton"})):
+                                            ("_dw_gemm", "record", {"dw_gemm": "triton"}),
+                                            ("_4_chunks", "record", {"chunk_bytes": 2 << 30})):
             name = backend + suffix
             if overrides and backend != "triton":
                 continue

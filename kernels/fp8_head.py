@@ -53,17 +53,19 @@ per element), dl (1), and dlᵀ, which reuses the logits buffer once the CE kern
 has read it.
 
 Chunk size (napkin math at the speedrun's T = 49152, D = 768, V = 50304):
-the record's path materialises bf16 logits [T, V] (4.95 GB) and, in its backward,
-the e5m2 gradient and its transposed copy (2.47 GB each): at least 9.9 GB of
-[T, V] tensors alive at once (12.4 GB when the bf16 gradient is materialised too),
-plus ~0.4 GB of operands and outputs. 25 % of that is ~2.6 GB. This op's extra
-memory is CHUNK_BYTES (default 1.5 GiB: C = 9840 rows in 5 chunks with bf16
-logits, 6144 rows in 8 chunks with fp32 logits) plus ~0.55 GB of quantised
-operands, their transposes, dx, the fp32 dW accumulator and one fp32 partial:
-~2.1 GB, ~20 % of the record's. The price of chunking is the dW accumulation:
+the record's path materialises bf16 logits [T, V] (4.95 GB), and its backward
+holds them while it writes the e5m2 gradient (2.47 GB), then that gradient and
+its transposed copy: at least 7.4 GB of [T, V] tensors alive at once (9.9 GB
+when the bf16 gradient is materialised too), plus ~0.4 GB of operands and
+outputs, so 25 % of it is ~1.95 GB at least. This op's extra memory is
+CHUNK_BYTES (default 1.25 GiB: 8192 rows in 6 chunks with bf16 logits, 4928
+rows in 10 chunks with fp32 logits) plus ~0.54 GB of quantised operands, their
+transposes, dx, the fp32 dW accumulator and one fp32 partial: ~1.8 GB, <= 23 %
+of the record's. The price of chunking is the dW accumulation:
 torch._scaled_mm cannot add into its output, so every chunk after the first
 writes an fp32 partial (154.5 MB) and adds it (3 × 154.5 MB: 0.14 ms at
-3.35 TB/s; 0.55 ms over 5 chunks, ~5 % of the op). The Triton FP8 GEMM
+3.35 TB/s; 0.69 ms over 6 chunks, ~6 % of the op). Fewer, larger chunks trade
+memory for that time (bench_fp8_head times 4 chunks too); the Triton FP8 GEMM
 (kernels.triton_impl.fp8_head, config dw_gemm="triton") adds into the
 accumulator in its epilogue instead (2 × 154.5 MB per chunk, no separate pass);
 which is faster is for bench_fp8_head to measure.
@@ -71,10 +73,10 @@ which is faster is for bench_fp8_head to measure.
 Floors (H100 SXM datasheet; bench_fp8_head prints the table per stage): the
 three GEMMs are 5.76 ms of FP8 FLOPs; rounding="record" adds the CE (2.96 ms of
 special-function ops on the Triton backend, 2.37 ms on the cuda one), the dl
-transpose (1.48 ms) and the dW adds (0.55 ms): 10.9 / 10.3 ms, against 11.2 ms
+transpose (1.48 ms) and the dW adds (0.69 ms): 11.0 / 10.4 ms, against 11.2 ms
 for the record's path at the same floors (its CE forward, CE backward + e5m2
 cast and transposed copy are 5.5 ms). rounding="fp32" moves 4-byte logits:
-13.1 ms. The issue's 1.1x over the record's path is therefore not in reach of
+13.4 ms. The issue's 1.1x over the record's path is therefore not in reach of
 this design by the floors alone; what it does reach is the memory target.
 
 Order: quantisation -> reference -> chunked driver (the fast backends' shared
@@ -100,7 +102,7 @@ SPEEDRUN_SCALES = (math.sqrt(768) / 448, 24 / 448, 1 / 448)
 # Rows per chunk in the reference backend (plain PyTorch, fp32 logits [rows, V]).
 REFERENCE_CHUNK_ROWS = 2048
 # The fast backends' per-chunk buffers (logits, dl, dlᵀ) stay within this many bytes.
-CHUNK_BYTES = 3 << 29  # 1.5 GiB
+CHUNK_BYTES = 5 << 28  # 1.25 GiB
 
 
 def _pad16(n: int) -> int:

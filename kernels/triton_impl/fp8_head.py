@@ -27,8 +27,8 @@ SXM (FP8 1979 TFLOP/s dense, 3.35 TB/s, MUFU 16/clk/SM × 132 SMs × 1.98 GHz = 
     transpose dl       2.47 + 2.47 GB                     1.48 ms
     dx GEMM            3.80 TFLOP                         1.92 ms
     dW GEMM            3.80 TFLOP                         1.92 ms
-    dW fp32 adds       4 × 3 × 154.5 MB                   0.55 ms (none with dw_gemm="triton")
-  sum of the floors (no stage overlaps another): 10.9 ms; the record's path: 11.2 ms. fp32 logits
+    dW fp32 adds       5 × 3 × 154.5 MB                   0.69 ms (none with dw_gemm="triton")
+  sum of the floors (no stage overlaps another): 11.0 ms; the record's path: 11.2 ms. fp32 logits
   (rounding="fp32") double the logits' bytes: the GEMM becomes memory-bound (3.06 ms), the CE 3.69 ms.
   bench_fp8_head prints these beside its timings.
 
