@@ -30,7 +30,7 @@ PYBIND11_MODULE(_C, m) {
          std::int64_t rows, std::int64_t cols, float softcap, float logit_scale, std::int64_t ignore_index,
          ptr_t loss, ptr_t lse_out, ptr_t lse_in, ptr_t grad, std::int64_t grad_stride, float grad_mult,
          ptr_t dlogits, int dlogits_dtype, std::int64_t ld_dlogits, ptr_t dl_scale_ptr, float dl_scale,
-         bool fast_tanh) {
+         bool fast_tanh, bool round_bf16) {
         kx::SoftcapCEArgs a;
         a.logits = logits;
         a.logits_dtype = logits_dtype;
@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
         a.dl_scale_ptr = dl_scale_ptr;
         a.dl_scale = dl_scale;
         a.fast_tanh = fast_tanh;
+        a.round_bf16 = round_bf16;
         kx::softcap_ce(device, stream, a);
       },
       "Softcapped cross-entropy forward/backward over logit rows (see csrc/kernels_api.h).", py::arg("device"),
@@ -61,7 +62,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("loss") = 0, py::arg("lse_out") = 0, py::arg("lse_in") = 0, py::arg("grad") = 0,
       py::arg("grad_stride") = 0, py::arg("grad_mult") = 1.0f, py::arg("dlogits") = 0,
       py::arg("dlogits_dtype") = static_cast<int>(kx::kBFloat16), py::arg("ld_dlogits") = 0,
-      py::arg("dl_scale_ptr") = 0, py::arg("dl_scale") = 1.0f, py::arg("fast_tanh") = false);
+      py::arg("dl_scale_ptr") = 0, py::arg("dl_scale") = 1.0f, py::arg("fast_tanh") = false,
+      py::arg("round_bf16") = false);
 
   m.def("fp8_amax", &kx::fp8_amax, "amax = max |x| into a device float.", py::arg("device"), py::arg("stream"),
         py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("amax"));
@@ -70,7 +72,7 @@ PYBIND11_MODULE(_C, m) {
       "fp8_cast",
       [](int device, ptr_t stream, ptr_t x, int x_dtype, std::int64_t rows, std::int64_t cols, std::int64_t ld_x,
          ptr_t out, std::int64_t ld_out, ptr_t out_t, std::int64_t ld_out_t, int out_dtype, float scale,
-         ptr_t scale_ptr, ptr_t amax_ptr, ptr_t scale_out) {
+         ptr_t scale_ptr, ptr_t amax_ptr, ptr_t scale_out, bool round_bf16) {
         kx::Fp8CastArgs a;
         a.x = x;
         a.x_dtype = x_dtype;
@@ -86,13 +88,14 @@ PYBIND11_MODULE(_C, m) {
         a.scale_ptr = scale_ptr;
         a.amax_ptr = amax_ptr;
         a.scale_out = scale_out;
+        a.round_bf16 = round_bf16;
         kx::fp8_cast(device, stream, a);
       },
       "Scaled float8 cast with optional transposed output (see csrc/kernels_api.h).", py::arg("device"),
       py::arg("stream"), py::arg("x"), py::arg("x_dtype"), py::arg("rows"), py::arg("cols"), py::arg("ld_x"),
       py::arg("out") = 0, py::arg("ld_out") = 0, py::arg("out_t") = 0, py::arg("ld_out_t") = 0,
       py::arg("out_dtype") = static_cast<int>(kx::kFloat8E4M3), py::arg("scale") = 1.0f, py::arg("scale_ptr") = 0,
-      py::arg("amax_ptr") = 0, py::arg("scale_out") = 0);
+      py::arg("amax_ptr") = 0, py::arg("scale_out") = 0, py::arg("round_bf16") = false);
 
   m.def("relu2_forward", &kx::relu2_forward, "post = relu(pre)^2 (optionally also as float8).", py::arg("device"),
         py::arg("stream"), py::arg("pre"), py::arg("dtype"), py::arg("n"), py::arg("out"), py::arg("f8_out") = 0,

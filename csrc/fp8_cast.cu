@@ -27,6 +27,7 @@ struct ScaleSource {
   const float* amax_ptr;
   float max_finite;
   float* scale_out;
+  bool round_bf16;  // round x / scale to bf16 before the cast (the record's bf16 division)
 };
 
 __device__ __forceinline__ float resolve_scale(const ScaleSource& s) {
@@ -41,8 +42,10 @@ __device__ __forceinline__ float resolve_scale(const ScaleSource& s) {
 // The division is the reference's `x / scale` in fp32 (IEEE, not a
 // reciprocal multiply), so the float8 values match it bit for bit.
 template <typename Tout>
-__device__ __forceinline__ Tout quantise(float v, float scale) {
-  return from_float<Tout>(v / scale);
+__device__ __forceinline__ Tout quantise(float v, float scale, bool round_bf16) {
+  float q = v / scale;
+  if (round_bf16) q = __bfloat162float(__float2bfloat16_rn(q));
+  return from_float<Tout>(q);
 }
 
 // --------------------------------------------------------------------- amax
@@ -98,11 +101,11 @@ __global__ void __launch_bounds__(kFlatThreads) cast_flat_kernel(const Tin* __re
     InPack v = xv[c];
     OutPack o;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = quantise<Tout>(to_float(v.v[j]), scale);
+    for (int j = 0; j < VEC; ++j) o.v[j] = quantise<Tout>(to_float(v.v[j]), scale, src.round_bf16);
     ov[c] = o;
   }
   for (std::int64_t i = nchunk * VEC + gtid; i < n; i += stride) {
-    out[i] = quantise<Tout>(to_float(x[i]), scale);
+    out[i] = quantise<Tout>(to_float(x[i]), scale, src.round_bf16);
   }
 }
 
@@ -140,11 +143,11 @@ __global__ void __launch_bounds__(kTileThreads) cast_transpose_kernel(
     if (vec_in && gc + kTileVec <= cols) {
       Pack<Tin, kTileVec> v = *reinterpret_cast<const Pack<Tin, kTileVec>*>(x + gr * ld_x + gc);
 #pragma unroll
-      for (int j = 0; j < kTileVec; ++j) q.v[j] = quantise<Tout>(to_float(v.v[j]), scale);
+      for (int j = 0; j < kTileVec; ++j) q.v[j] = quantise<Tout>(to_float(v.v[j]), scale, src.round_bf16);
     } else {
 #pragma unroll
       for (int j = 0; j < kTileVec; ++j) {
-        q.v[j] = gc + j < cols ? quantise<Tout>(to_float(x[gr * ld_x + gc + j]), scale) : Tout{0};
+        q.v[j] = gc + j < cols ? quantise<Tout>(to_float(x[gr * ld_x + gc + j]), scale, src.round_bf16) : Tout{0};
       }
     }
     *reinterpret_cast<Pack<Tout, kTileVec>*>(&tile[r * kTileStride + c]) = q;
@@ -276,6 +279,7 @@ void fp8_cast(int device, ptr_t stream_handle, const Fp8CastArgs& a) {
   src.amax_ptr = reinterpret_cast<const float*>(a.amax_ptr);
   src.max_finite = a.out_dtype == kFloat8E4M3 ? FloatLimit<e4m3>::max : FloatLimit<e5m2>::max;
   src.scale_out = reinterpret_cast<float*>(a.scale_out);
+  src.round_bf16 = a.round_bf16;
   cudaStream_t stream = as_stream(stream_handle);
   if (a.out_dtype == kFloat8E4M3) {
     dispatch_in<e4m3>(device, stream, a, src);

@@ -33,10 +33,12 @@ std::string runtime_info();
 //   loss = lse - z[target] (0 at ignored rows)
 //   dlogits = g * (softmax(z) - onehot) * logit_scale * (1 - tanh^2) / dl_scale
 // with g = grad[row * grad_stride] * grad_mult (grad may be 0: g = grad_mult),
-// zero at ignored rows. When lse_in is given, the log-sum-exp pass is skipped
+// zero at ignored rows, NaN at rows whose target is outside [0, cols) and not
+// ignore_index. When lse_in is given, the log-sum-exp pass is skipped
 // (backward from a saved lse). Any of loss / lse_out / dlogits may be 0.
 // dl_scale_ptr, when non-zero, points to a device float used instead of
-// dl_scale.
+// dl_scale. round_bf16: the gradient is rounded to bf16 before the division by
+// the scale (the record's bf16 logits' gradient).
 struct SoftcapCEArgs {
   ptr_t logits = 0;
   int logits_dtype = kBFloat16;
@@ -58,7 +60,8 @@ struct SoftcapCEArgs {
   std::int64_t ld_dlogits = 0;
   ptr_t dl_scale_ptr = 0;
   float dl_scale = 1.0f;
-  bool fast_tanh = false;  // tanh.approx.f32 (relative error 2^-11) instead of the ~1e-7 exp2 form
+  bool fast_tanh = false;  // pass 1 with tanh.approx.f32 (relative error 2^-11) instead of the ~1e-7 exp2 form
+  bool round_bf16 = false;
 };
 void softcap_ce(int device, ptr_t stream, const SoftcapCEArgs& a);
 
@@ -72,6 +75,7 @@ void fp8_amax(int device, ptr_t stream, ptr_t x, int dtype, std::int64_t n, ptr_
 // may be 0. The scale is, in order of precedence: *amax_ptr turned into
 // amax / max_finite(out_dtype) (1 unless amax > 0, NaN included), *scale_ptr, or scale.
 // scale_out, when non-zero, receives the scale used (device float).
+// round_bf16: q is rounded to bf16 before the float8 cast (x / scale divided "in bf16").
 struct Fp8CastArgs {
   ptr_t x = 0;
   int x_dtype = kBFloat16;
@@ -87,6 +91,7 @@ struct Fp8CastArgs {
   ptr_t scale_ptr = 0;
   ptr_t amax_ptr = 0;
   ptr_t scale_out = 0;
+  bool round_bf16 = false;
 };
 void fp8_cast(int device, ptr_t stream, const Fp8CastArgs& a);
 

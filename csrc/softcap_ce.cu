@@ -1,18 +1,27 @@
 // Softcapped cross-entropy, forward and backward in one kernel, one block per
 // row of logits.
 //
-// Pass 1 streams the row once and keeps an online log-sum-exp per thread
-// (base 2: the running max m and the sum s of 2^(z*log2e - m)); when the row
-// fits in shared memory (a 50304-wide bf16 row is 98 KiB, two blocks per SM)
-// it is parked there so that pass 2 does not read device memory again.
-// Pass 2 writes dlogits. With a saved lse (lse_in) pass 1 is skipped.
+// Pass 1 streams the row once: t = tanh(u), u = logit * logit_scale / softcap,
+// z = softcap * t, and the sum of 2^((z - softcap) * log2e). |z| <= softcap, so
+// for softcap <= 40 that sum neither overflows nor loses its largest terms and
+// no running max is needed; above 40 an online (max, sum) pair is kept. When the
+// row fits in shared memory (a 50304-wide row is 98 KiB as fp16, two blocks per
+// SM), t is parked there as fp16, so pass 2 reads neither device memory nor
+// recomputes the tanh. Pass 2 writes dlogits. With a saved lse (lse_in) pass 1
+// is skipped and pass 2 reads the logits.
 //
-// tanh is evaluated as 1 - 2 / (1 + 2^(2u*log2e)): one exp2 and one
-// reciprocal on the special-function unit (SFU), absolute error ~1e-7. With
-// fast_tanh it is tanh.approx.f32 instead: one SFU op, relative error 2^-11,
-// i.e. up to 7e-3 on z at softcap 15. The fused pass does 3 SFU ops per
-// element per pass (2 with fast_tanh), which at 16 per clock per SM is about
-// as long as streaming bf16 logits in and dlogits out at ~2.5 TB/s on an H100.
+// Special-function (MUFU) operations per element, at 16 per clock per SM:
+//   pass 1: tanh as 1 - 2 / (1 + 2^(2u log2e)) written stably as
+//           (1 - e) / (1 + e), e = 2^(-2|u| log2e): ex2 + rcp; then ex2.  3
+//   pass 2: t from the cache, ex2 (tanh.approx first when there is no cache). 1 (2)
+// 4 in all (6 in the previous version, which recomputed the exact tanh in
+// pass 2). fast_tanh makes pass 1 use tanh.approx.f32 too (3 in all), at a
+// relative error of 2^-11 on t, up to 7e-3 on z at softcap 15. The cached fp16
+// t carries a relative error of at most 2^-12 into the gradient, which is then
+// rounded to its output format (e5m2 keeps 2 mantissa bits).
+// A non-finite logit makes its row's lse, loss and gradient NaN (tanh would
+// saturate it to a finite z); so does a target outside [0, cols) that is not
+// ignore_index.
 #include <algorithm>
 #include <cmath>
 
@@ -24,12 +33,16 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxThreads = 512;
-// Unrolled independent 16-byte loads per thread, to keep enough bytes in
-// flight for a streaming kernel at two blocks per SM.
-constexpr int kUnroll = 4;
-// Rows up to this size (bytes) are kept in shared memory between the passes;
-// two such blocks still fit in one SM's 228 KiB.
+// Unrolled independent 16-byte loads per thread: 2 x 16 B x 1024 threads = 32 KB
+// in flight per SM at two blocks per SM, above the ~25 KB that 3.35 TB/s needs at
+// ~1 us of latency; 4 spilled registers under the 64-register bound.
+constexpr int kUnroll = 2;
+// Rows whose fp16 t fits in this many bytes are cached in shared memory
+// between the passes; two such blocks still fit in one SM's 228 KiB.
 constexpr int kMaxCacheBytes = 110 * 1024;
+// Above this softcap, 2^((z - softcap) log2e) could underflow for every
+// element of a row: keep a running max instead.
+constexpr float kMaxFixedShiftSoftcap = 40.0f;
 
 struct CeParams {
   const void* logits;
@@ -50,36 +63,61 @@ struct CeParams {
   std::int64_t ld_dl;
   const float* dl_scale_ptr;
   float dl_scale;
-  bool vec;        // 16-byte input chunks (and matching output chunks) are aligned
-  bool cache;      // park the row in shared memory between the passes
-  bool fast_tanh;  // tanh.approx.f32 instead of the exp2-based tanh
+  bool vec;         // 16-byte input chunks (and matching output chunks) are aligned
+  bool cache;       // park t in shared memory between the passes
+  bool fast_tanh;   // pass 1 with tanh.approx.f32 instead of the exp2 form
+  bool fixed_shift; // softcap <= kMaxFixedShiftSoftcap
+  bool round_bf16;  // round the gradient to bf16 before dividing by dl_scale (the record's rounding)
 };
 
-// tanh(u) for the softcap; returns t, z = softcap * t follows.
-__device__ __forceinline__ float softcap_tanh(float u, bool fast) {
+__device__ __forceinline__ float tanh_approx(float u) {
+  float t;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(u));
+  return t;
+}
+
+// t = tanh(logit * u_scale); NaN for a non-finite logit.
+__device__ __forceinline__ float softcap_t(float logit, float u_scale, bool fast) {
+  float u = logit * u_scale;
+  float t;
   if (fast) {
-    float t;
-    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(u));
-    return t;
-  }
-  float e = exp2f(u * (2.0f * kLog2e));
-  return 1.0f - __fdividef(2.0f, 1.0f + e);
-}
-
-// Online log-sum-exp update with z2 = z * log2e. A NaN never wins the
-// comparison, so m stays a number and the NaN flows into s.
-__device__ __forceinline__ void lse_push(float& m, float& s, float z2) {
-  if (z2 > m) {
-    s = s * exp2f(m - z2) + 1.0f;
-    m = z2;
+    t = tanh_approx(u);
   } else {
-    s += exp2f(z2 - m);
+    float e = exp2f(fabsf(u) * (-2.0f * kLog2e));  // in (0, 1]: never overflows
+    t = copysignf((1.0f - e) * __fdividef(1.0f, 1.0f + e), u);
+  }
+  return isfinite(logit) ? t : NAN;
+}
+
+// Online log-sum-exp update with y = z * log2e. A NaN never wins the
+// comparison, so m stays a number and the NaN flows into s.
+__device__ __forceinline__ void lse_push(float& m, float& s, float y) {
+  if (y > m) {
+    s = s * exp2f(m - y) + 1.0f;
+    m = y;
+  } else {
+    s += exp2f(y - m);
   }
 }
 
-__device__ __forceinline__ float grad_value(float t, float z, float lse2, bool is_target, float coef) {
-  float p = exp2f(z * kLog2e - lse2);
-  return (p - (is_target ? 1.0f : 0.0f)) * (1.0f - t * t) * coef;
+struct Pass1 {
+  float m, s;  // fixed shift: m unused (the shift is softcap * log2e), s the sum
+  __device__ __forceinline__ void push(const CeParams& p, float t, float sc2) {
+    float y = t * sc2;
+    if (p.fixed_shift) {
+      s += exp2f(y - sc2);
+    } else {
+      lse_push(m, s, y);
+    }
+  }
+};
+
+__device__ __forceinline__ float grad_value(float t, float sc2, float lse2, bool is_target, float coef,
+                                            float inv_scale, bool round_bf16) {
+  float p = exp2f(t * sc2 - lse2);
+  float d = (p - (is_target ? 1.0f : 0.0f)) * ((1.0f - t * t) * coef);
+  if (round_bf16) d = __bfloat162float(__float2bfloat16_rn(d)) * inv_scale;
+  return d;
 }
 
 template <typename Tin, typename Tout>
@@ -87,6 +125,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
   constexpr int VEC = 16 / sizeof(Tin);
   using InPack = Pack<Tin, VEC>;
   using OutPack = Pack<Tout, VEC>;
+  using HalfPack = Pack<__half, VEC>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float red_m[32];
   __shared__ float red_s[32];
@@ -97,21 +136,22 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
   const int nthreads = blockDim.x;
   const std::int64_t cols = p.cols;
   const Tin* in = static_cast<const Tin*>(p.logits) + row * p.ld;
-  Tin* cache = reinterpret_cast<Tin*>(smem_raw);
+  __half* cache = reinterpret_cast<__half*>(smem_raw);
   const std::int64_t tgt = p.targets[row];
   const bool ignored = (tgt == p.ignore_index);
   const bool tgt_ok = !ignored && tgt >= 0 && tgt < cols;
   const std::int64_t nchunk = p.vec ? cols / VEC : 0;
   const std::int64_t tail_start = nchunk * VEC;
+  const float sc2 = p.softcap * kLog2e;
 
   // ---------------------------------------------------------------- pass 1
   float lse2;  // log2(sum 2^(z*log2e)) = lse * log2e
   if (p.lse_in != nullptr) {
     lse2 = p.lse_in[row] * kLog2e;
   } else {
-    float m = -INFINITY, s = 0.0f;
+    Pass1 acc{p.fixed_shift ? 0.0f : -INFINITY, 0.0f};
     const InPack* in_v = reinterpret_cast<const InPack*>(in);
-    InPack* cache_v = reinterpret_cast<InPack*>(cache);
+    HalfPack* cache_v = reinterpret_cast<HalfPack*>(cache);
     for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
       InPack buf[kUnroll];
 #pragma unroll
@@ -123,23 +163,29 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
       for (int u = 0; u < kUnroll; ++u) {
         std::int64_t c = c0 + std::int64_t(u) * nthreads;
         if (c < nchunk) {
-          if (p.cache) cache_v[c] = buf[u];
+          HalfPack h;
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            float t = softcap_tanh(to_float(buf[u].v[j]) * p.u_scale, p.fast_tanh);
-            lse_push(m, s, p.softcap * t * kLog2e);
+            float t = softcap_t(to_float(buf[u].v[j]), p.u_scale, p.fast_tanh);
+            h.v[j] = __float2half_rn(t);
+            acc.push(p, t, sc2);
           }
+          if (p.cache) cache_v[c] = h;
         }
       }
     }
     for (std::int64_t i = tail_start + tid; i < cols; i += nthreads) {
-      Tin v = in[i];
-      if (p.cache) cache[i] = v;
-      float t = softcap_tanh(to_float(v) * p.u_scale, p.fast_tanh);
-      lse_push(m, s, p.softcap * t * kLog2e);
+      float t = softcap_t(to_float(in[i]), p.u_scale, p.fast_tanh);
+      if (p.cache) cache[i] = __float2half_rn(t);
+      acc.push(p, t, sc2);
     }
 
-    warp_lse(m, s);
+    float m = p.fixed_shift ? sc2 : acc.m, s = acc.s;
+    if (p.fixed_shift) {
+      s = warp_sum(s);
+    } else {
+      warp_lse(m, s);
+    }
     const int warp = tid >> 5, lane = tid & 31, nwarps = nthreads >> 5;
     if (lane == 0) {
       red_m[warp] = m;
@@ -147,15 +193,20 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
     }
     __syncthreads();
     if (warp == 0) {
-      m = lane < nwarps ? red_m[lane] : -INFINITY;
-      s = lane < nwarps ? red_s[lane] : 0.0f;
-      warp_lse(m, s);
+      if (p.fixed_shift) {
+        s = warp_sum(lane < nwarps ? red_s[lane] : 0.0f);
+        m = sc2;
+      } else {
+        m = lane < nwarps ? red_m[lane] : -INFINITY;
+        s = lane < nwarps ? red_s[lane] : 0.0f;
+        warp_lse(m, s);
+      }
       if (lane == 0) bcast_lse = (m + log2f(s)) * kLn2;
     }
     __syncthreads();  // also publishes the cached row to every thread
     const float lse = bcast_lse;
     // Derived from the stored lse exactly as the lse_in path does, so a
-    // backward from the saved lse reproduces the fused pass bit for bit.
+    // backward from the saved lse reproduces the fused pass up to the cache's rounding.
     lse2 = lse * kLog2e;
     if (tid == 0) {
       if (p.lse_out) p.lse_out[row] = lse;
@@ -163,8 +214,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
         float loss = 0.0f;
         if (!ignored) {
           if (tgt_ok) {
-            float zt = p.softcap * softcap_tanh(to_float(in[tgt]) * p.u_scale, p.fast_tanh);
-            loss = lse - zt;
+            loss = lse - p.softcap * softcap_t(to_float(in[tgt]), p.u_scale, false);
           } else {
             loss = NAN;  // a target outside [0, cols) that is not ignore_index
           }
@@ -178,47 +228,75 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
   // ---------------------------------------------------------------- pass 2
   Tout* out = static_cast<Tout*>(p.dl) + row * p.ld_dl;
   float coef = 0.0f;
+  const float scale = p.dl_scale_ptr ? *p.dl_scale_ptr : p.dl_scale;
+  const float inv_scale = 1.0f / scale;
   if (!ignored) {
-    float g = (p.grad ? p.grad[row * p.grad_stride] : 1.0f) * p.grad_mult;
-    float scale = p.dl_scale_ptr ? *p.dl_scale_ptr : p.dl_scale;
-    coef = g * p.logit_scale / scale;
+    float g = tgt_ok ? (p.grad ? p.grad[row * p.grad_stride] : 1.0f) * p.grad_mult : NAN;
+    coef = p.round_bf16 ? g * p.logit_scale : g * p.logit_scale / scale;
   }
   // With a saved lse or no cache the row is read again from device memory
-  // (most of it from L2 right after pass 1).
+  // (most of it from L2 right after pass 1) and the tanh recomputed, approximately.
   const bool from_cache = p.cache && p.lse_in == nullptr;
-  const InPack* src_v = reinterpret_cast<const InPack*>(from_cache ? cache : in);
-  const Tin* src = from_cache ? cache : in;
+  const InPack* src_v = reinterpret_cast<const InPack*>(in);
+  const HalfPack* cache_v = reinterpret_cast<const HalfPack*>(cache);
   OutPack* out_v = reinterpret_cast<OutPack*>(out);
-  for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
-    InPack buf[kUnroll];
+  // One chunk of VEC outputs from VEC values of t.
+  auto emit = [&](std::int64_t c, const float* t) {
+    OutPack o;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      std::int64_t c = c0 + std::int64_t(u) * nthreads;
-      if (c < nchunk) buf[u] = src_v[c];
+    for (int j = 0; j < VEC; ++j) {
+      float d = ignored ? 0.0f
+                        : grad_value(t[j], sc2, lse2, tgt_ok && c * VEC + j == tgt, coef, inv_scale, p.round_bf16);
+      o.v[j] = from_float<Tout>(d);
     }
+    out_v[c] = o;
+  };
+  // Loads are issued for kUnroll chunks before any is used; they stay packed (fp16 or the input
+  // type) until then, which keeps the loop within the 64 registers of two 512-thread blocks per SM.
+  if (from_cache) {
+    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
+      HalfPack h[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      std::int64_t c = c0 + std::int64_t(u) * nthreads;
-      if (c < nchunk) {
-        OutPack o;
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) h[u] = cache_v[c];
+      }
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          float d = 0.0f;
-          if (!ignored) {
-            float t = softcap_tanh(to_float(buf[u].v[j]) * p.u_scale, p.fast_tanh);
-            d = grad_value(t, p.softcap * t, lse2, tgt_ok && c * VEC + j == tgt, coef);
-          }
-          o.v[j] = from_float<Tout>(d);
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) {
+          float t[VEC];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) t[j] = __half2float(h[u].v[j]);
+          emit(c, t);
         }
-        out_v[c] = o;
+      }
+    }
+  } else {
+    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
+      InPack b[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) b[u] = src_v[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) {
+          float t[VEC];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) t[j] = softcap_t(to_float(b[u].v[j]), p.u_scale, true);
+          emit(c, t);
+        }
       }
     }
   }
   for (std::int64_t i = tail_start + tid; i < cols; i += nthreads) {
     float d = 0.0f;
     if (!ignored) {
-      float t = softcap_tanh(to_float(src[i]) * p.u_scale, p.fast_tanh);
-      d = grad_value(t, p.softcap * t, lse2, tgt_ok && i == tgt, coef);
+      float t = from_cache ? __half2float(cache[i]) : softcap_t(to_float(in[i]), p.u_scale, true);
+      d = grad_value(t, sc2, lse2, tgt_ok && i == tgt, coef, inv_scale, p.round_bf16);
     }
     out[i] = from_float<Tout>(d);
   }
@@ -230,7 +308,7 @@ void launch(int device, cudaStream_t stream, CeParams p, std::int64_t rows) {
   std::int64_t work = p.vec ? (p.cols + VEC - 1) / VEC : p.cols;
   int threads = static_cast<int>(std::min<std::int64_t>(kMaxThreads, ((work + 31) / 32) * 32));
   threads = std::max(threads, 32);
-  std::int64_t cache_bytes = ((p.cols * static_cast<std::int64_t>(sizeof(Tin)) + 15) / 16) * 16;
+  std::int64_t cache_bytes = ((p.cols * static_cast<std::int64_t>(sizeof(__half)) + 15) / 16) * 16;
   p.cache = p.lse_in == nullptr && p.dl != nullptr && cache_bytes <= kMaxCacheBytes;
   int smem = p.cache ? static_cast<int>(cache_bytes) : 0;
   auto kernel = softcap_ce_kernel<Tin, Tout>;
@@ -286,6 +364,8 @@ void softcap_ce(int device, ptr_t stream_handle, const SoftcapCEArgs& a) {
   p.dl_scale_ptr = reinterpret_cast<const float*>(a.dl_scale_ptr);
   p.dl_scale = a.dl_scale;
   p.fast_tanh = a.fast_tanh;
+  p.fixed_shift = a.softcap <= kMaxFixedShiftSoftcap;
+  p.round_bf16 = a.round_bf16;
 
   // 16-byte input chunks need 16-byte aligned rows; the matching output chunk
   // (VEC elements) needs its own alignment.

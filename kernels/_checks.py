@@ -1,8 +1,9 @@
 """Argument checks shared by the ops' public wrappers.
 
 Every failure names the argument, what was found and what was expected. These
-checks look only at metadata (type, dtype, shape, device), so they are free and
-trace cleanly under torch.compile; value checks live inside the ops.
+checks look only at metadata (type, layout, dtype, shape, device) and Python
+scalars, so they are free and trace cleanly under torch.compile; value checks
+of tensors live inside the ops.
 """
 
 import math
@@ -12,6 +13,12 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
+# float32's largest finite value and smallest normal one: a Python float outside
+# [FP32_TINY, FP32_MAX] becomes inf, a subnormal or 0 once a kernel reads it as fp32.
+FP32_MAX = float(torch.finfo(torch.float32).max)
+FP32_TINY = float(torch.finfo(torch.float32).tiny)
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
 
 def _names(dtypes) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
@@ -20,6 +27,12 @@ def _names(dtypes) -> str:
 def check_tensor(name: str, t, dtypes, min_dim: int | None = None, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    # The kernels read raw strided memory: sparse and nested tensors have none to read.
+    if t.is_nested:
+        raise TypeError(f"{name}: nested tensors are not supported; expected a dense strided tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name}: layout {str(t.layout).replace('torch.', '')} is not supported; "
+                        "expected a dense strided tensor")
     if t.dtype not in dtypes:
         raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported; "
                         f"expected one of {_names(dtypes)}")
@@ -48,6 +61,14 @@ def check_positive_finite(name: str, value) -> float:
     return value
 
 
+def check_positive_fp32(name: str, value) -> float:
+    """A finite value > 0 that float32 holds as a normal number (what the kernels compute with)."""
+    value = check_positive_finite(name, value)
+    if not FP32_TINY <= value <= FP32_MAX:
+        raise ValueError(f"{name}: {value} is outside float32's normal range [{FP32_TINY:.4g}, {FP32_MAX:.4g}]")
+    return value
+
+
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")
@@ -57,6 +78,8 @@ def check_choice(name: str, value, choices) -> str:
 def check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValueError(f"{name}: {value} does not fit in int64 [{INT64_MIN}, {INT64_MAX}]")
     return value
 
 

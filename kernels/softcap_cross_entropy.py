@@ -12,7 +12,7 @@ backward one gradient per row whatever the reduction.
 
 import torch
 
-from kernels._checks import (INDEX_DTYPES, check_choice, check_int, check_positive_finite, check_tensor,
+from kernels._checks import (FP32_TINY, INDEX_DTYPES, check_choice, check_int, check_positive_fp32, check_tensor,
                              check_target_values)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -27,32 +27,51 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _target_parts(targets: torch.Tensor, num_classes: int, ignore_index: int):
+    """(valid, in_range, safe_targets): rows that count, rows whose target is a class, gatherable indices."""
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < num_classes)
+    return valid, in_range, torch.where(valid & in_range, targets, 0).long()
+
+
+def softcapped(logits: torch.Tensor, softcap: float, logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, t) with t = tanh(logit_scale·logits/softcap), z = softcap·t; NaN wherever a logit is not finite.
+
+    tanh saturates at ±inf, which would turn an infinite logit into the finite z = ±softcap: a
+    non-finite input must give a non-finite loss.
+    """
+    t = torch.tanh(logits * (logit_scale / softcap))
+    t = torch.where(torch.isfinite(logits), t, float("nan"))
+    return softcap * t, t
+
+
 def reference_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float, logit_scale: float,
                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, V], targets [N] -> (row_loss [N], lse [N]) in fp32 (float64 for float64 logits).
 
-    row_loss is 0 where the target is ignore_index.
+    row_loss is 0 where the target is ignore_index, NaN where it is neither that nor a class
+    (possible only with the target check switched off).
     """
-    z = softcap * torch.tanh(logits.to(_compute_dtype(logits.dtype)) * (logit_scale / softcap))
+    z, _t = softcapped(logits.to(_compute_dtype(logits.dtype)), softcap, logit_scale)
     lse = torch.logsumexp(z, dim=-1)
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0).long()
+    valid, in_range, safe_targets = _target_parts(targets, logits.size(-1), ignore_index)
     target_z = z.gather(-1, safe_targets[:, None]).squeeze(-1)
-    row_loss = torch.where(valid, lse - target_z, 0.0)
+    row_loss = torch.where(valid, torch.where(in_range, lse - target_z, float("nan")), 0.0)
     return row_loss, lse
 
 
 def reference_backward(row_grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                        softcap: float, logit_scale: float, ignore_index: int) -> torch.Tensor:
-    """d(sum_r row_grad[r]·row_loss[r]) / d(logits), in the compute dtype (fp32 or float64)."""
-    t = torch.tanh(logits.to(lse.dtype) * (logit_scale / softcap))
-    z = softcap * t
-    valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0).long()
+    """d(sum_r row_grad[r]·row_loss[r]) / d(logits), in the compute dtype (fp32 or float64).
+
+    Rows with a NaN loss (a non-finite logit, an out-of-range target) get a NaN gradient.
+    """
+    z, t = softcapped(logits.to(lse.dtype), softcap, logit_scale)
+    valid, in_range, safe_targets = _target_parts(targets, logits.size(-1), ignore_index)
     dz = torch.exp(z - lse[:, None])
     dz.scatter_add_(-1, safe_targets[:, None], -torch.ones_like(lse)[:, None])
-    dz *= torch.where(valid, row_grad.to(dz.dtype), 0.0)[:, None]
-    return dz * (logit_scale * (1.0 - t * t))
+    coef = torch.where(valid, torch.where(in_range, row_grad.to(dz.dtype), float("nan")), 0.0)
+    return dz * coef[:, None] * (logit_scale * (1.0 - t * t))
 
 
 # ---------------------------------------------------------------------------
@@ -106,6 +125,16 @@ _softcap_ce_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ---------------------------------------------------------------------------
 
+def check_softcap_args(softcap, logit_scale) -> tuple[float, float]:
+    """softcap and logit_scale as floats, each and their ratio (the tanh argument's scale) normal in fp32."""
+    softcap = check_positive_fp32("softcap", softcap)
+    logit_scale = check_positive_fp32("logit_scale", logit_scale)
+    if logit_scale / softcap < FP32_TINY:
+        raise ValueError(f"logit_scale: logit_scale / softcap = {logit_scale / softcap:.4g} underflows float32 "
+                         f"(logit_scale={logit_scale}, softcap={softcap})")
+    return softcap, logit_scale
+
+
 def reduce_rows(row_loss: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
     """Apply ``reduction`` to per-row losses; "mean" divides by the non-ignored count (NaN when none)."""
     if reduction == "none":
@@ -135,8 +164,7 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, softcap: 
         raise ValueError(f"targets: on {targets.device}, but logits is on {logits.device}")
     if logits.size(-1) == 0:
         raise ValueError(f"logits: the class dim is empty, shape {tuple(logits.shape)}")
-    softcap = check_positive_finite("softcap", softcap)
-    logit_scale = check_positive_finite("logit_scale", logit_scale)
+    softcap, logit_scale = check_softcap_args(softcap, logit_scale)
     check_choice("reduction", reduction, REDUCTIONS)
     ignore_index = check_int("ignore_index", ignore_index)
     V = logits.size(-1)

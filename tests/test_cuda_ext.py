@@ -82,7 +82,13 @@ _CALLS = {
     "softcap_ce": lambda C: C.softcap_ce(device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_BFLOAT16,
                                          ld_logits=64, targets=_FAKE, rows=4, cols=64, softcap=15.0,
                                          logit_scale=1.0, ignore_index=-100, loss=_FAKE),
+    "softcap_ce_record_rounding": lambda C: C.softcap_ce(
+        device=0, stream=0, logits=_FAKE, logits_dtype=C.DTYPE_FLOAT32, ld_logits=64, targets=_FAKE, rows=4, cols=64,
+        softcap=15.0, logit_scale=1.0, ignore_index=-100, loss=_FAKE, dlogits=_FAKE,
+        dlogits_dtype=C.DTYPE_FLOAT8_E5M2, ld_dlogits=64, round_bf16=True),
     "fp8_amax": lambda C: C.fp8_amax(device=0, stream=0, x=_FAKE, dtype=C.DTYPE_FLOAT32, n=8, amax=_FAKE),
+    "fp8_cast_record_rounding": lambda C: C.fp8_cast(device=0, stream=0, x=_FAKE, x_dtype=C.DTYPE_FLOAT32, rows=4,
+                                                     cols=8, ld_x=8, out=_FAKE, ld_out=8, round_bf16=True),
     "fp8_cast": lambda C: C.fp8_cast(device=0, stream=0, x=_FAKE, x_dtype=C.DTYPE_BFLOAT16, rows=4, cols=8,
                                      ld_x=8, out=_FAKE, ld_out=8),
     "relu2_forward": lambda C: C.relu2_forward(device=0, stream=0, pre=_FAKE, dtype=C.DTYPE_BFLOAT16, n=8,
@@ -203,6 +209,97 @@ def test_the_build_never_fails_the_install(tmp_path, env, status, pattern):
 
 
 # ===========================================================================
+# tier 0: the cuda backend's FP8-head glue, with the extension emulated on CPU
+# ===========================================================================
+
+class _EmulatedOps:
+    """kernels.cuda_impl.ops' cast and CE wrappers with their documented contracts, in PyTorch on CPU."""
+
+    def __init__(self):
+        import importlib
+        self.head = importlib.import_module("kernels.fp8_head")
+        self.ce = importlib.import_module("kernels.softcap_cross_entropy")  # kernels.<name> is the function
+
+    def fp8_cast(self, x, dtype=E4M3, scale=None, *, write=True, transpose=False, out=None, out_t=None,
+                 round_bf16=False):
+        assert out is None or out.stride(1) == 1
+        used = (self.head.amax_scale(x.float(), torch.finfo(dtype).max) if scale is None
+                else torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        q = self.head.quantize(x.float(), used, dtype, round_bf16=round_bf16)
+        if write:
+            out = q if out is None else out.view(torch.uint8).copy_(q.view(torch.uint8)).view(dtype)
+        if transpose:
+            assert out_t is not None and out_t.stride(1) == 1
+            out_t.view(torch.uint8).copy_(q.view(torch.uint8).t())
+        return (out if write else None), (out_t if transpose else None), used
+
+    def _grad(self, logits, targets, lse, softcap, logit_scale, ignore_index, grad, dl_scale, out, round_bf16):
+        rows = logits.size(0)
+        g = torch.ones(rows) if grad is None else torch.as_tensor(grad, dtype=torch.float32).expand(rows)
+        d = self.ce.reference_backward(g, logits.float(), targets, lse, softcap, logit_scale, ignore_index)
+        d = torch.where((targets != ignore_index)[:, None], d, 0.0)
+        if round_bf16:
+            d = d.to(torch.bfloat16).float()
+        q = self.head.quantize(d, torch.as_tensor(dl_scale, dtype=torch.float32).reshape(()), out.dtype)
+        out.view(torch.uint8).copy_(q.view(torch.uint8))
+
+    def softcap_ce_forward(self, logits, targets, softcap, logit_scale, ignore_index=-100, *, grad=None,
+                           dlogits_dtype=None, dl_scale=1.0, out=None, fast_tanh=False, round_bf16=False,
+                           loss_out=None, lse_out=None):
+        loss, lse = self.ce.reference_forward(logits.float(), targets, softcap, logit_scale, ignore_index)
+        loss_out.copy_(loss)
+        lse_out.copy_(lse)
+        if dlogits_dtype is not None:
+            self._grad(logits, targets, lse, softcap, logit_scale, ignore_index, grad, dl_scale, out, round_bf16)
+        return loss_out, lse_out, out
+
+    def softcap_ce_backward(self, logits, targets, lse, softcap, logit_scale, ignore_index=-100, *, grad=None,
+                            dlogits_dtype=torch.bfloat16, dl_scale=1.0, out=None, fast_tanh=False, round_bf16=False):
+        self._grad(logits, targets, lse, softcap, logit_scale, ignore_index, grad, dl_scale, out, round_bf16)
+        return out
+
+
+@pytest.mark.parametrize("reduction, rounding", [("sum", "fp32"), ("mean", "record"), ("none", "record")])
+@pytest.mark.parametrize("T, D, V", [(37, 40, 203), (48, 32, 64)])
+def test_cuda_backend_glue_matches_the_reference(monkeypatch, poisoned, reduction, rounding, T, D, V):
+    # Everything of the cuda backend but its kernels: the chunk loop, padding, the transposed casts,
+    # the CE arguments (g0 / row gradients, scales, record rounding) and the _scaled_mm layouts.
+    from fp8_head_oracle import f64_fp8_head
+    from kernels import fp8_head as head
+    from kernels.cuda_impl import fp8_head as cuda_head
+
+    emulated = _EmulatedOps()
+    for name in ("fp8_cast", "softcap_ce_forward", "softcap_ce_backward"):
+        monkeypatch.setattr(cuda_head.ops, name, getattr(emulated, name))
+    monkeypatch.setattr(cuda_head, "_fp8_matmul_supported", lambda device: True)
+    real_mm = torch._scaled_mm
+
+    def strict_mm(a, b, *, scale_a, scale_b, out_dtype, use_fast_accum, out):
+        assert a.stride(1) == 1 and a.stride(0) > 1 and b.stride(0) == 1 and b.stride(1) > 1, (a.stride(), b.stride())
+        assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, (a.shape, b.shape)
+        return real_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum,
+                       out=out)
+
+    monkeypatch.setattr(torch, "_scaled_mm", strict_mm)
+    g = torch.Generator().manual_seed(T + V)
+    x, w = torch.randn(T, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    targets = torch.randint(0, V, (T,), generator=g)
+    targets[::5] = -100
+    args = (x, w, targets, 15.0, 0.5, 0.011, 0.0037, 1 / 448, -100, reduction, True, True, rounding)
+    loss, lse, dx, dw, x_f8, w_f8, used = cuda_head.forward(*args, chunk_rows=16)
+    up = torch.rand(T, generator=g) + 0.5
+    if reduction == "none":
+        dx, dw = cuda_head.backward(torch.where(targets != -100, up, 0.0), x_f8, w_f8, targets, lse, used, 15.0, 0.5,
+                                    1 / 448, -100, True, True, torch.float32, torch.float32, rounding, chunk_rows=16)
+    want = f64_fp8_head(x, w, targets, logit_scale=0.5, scales=(0.011, 0.0037, 1 / 448), reduction=reduction,
+                        rounding=rounding, upstream=up.double() if reduction == "none" else 1.0)
+    assert torch.allclose(loss.double(), want["loss"], rtol=1e-5, atol=1e-5)
+    for name, got in (("dx", dx), ("dw", dw)):
+        assert _rel_err(got, want[name]) < 1e-4, (name, _rel_err(got, want[name]))
+    assert head.chunk_rows_for(T, 1, 1) == 16
+
+
+# ===========================================================================
 # tier 2 helpers
 # ===========================================================================
 
@@ -243,18 +340,23 @@ def _misaligned_view(t):
 
 
 def _ce_float64(logits, targets, softcap, logit_scale, ignore_index, grad=None):
-    """(loss, lse, dlogits) in float64; grad is d(total)/d(row_loss) per row (default 1)."""
+    """(loss, lse, dlogits) in float64; grad is d(total)/d(row_loss) per row (default 1).
+
+    Non-finite logits and targets outside [0, V) that are not ignore_index give NaN rows.
+    """
     t = torch.tanh(logits.double() * (logit_scale / softcap))
+    t = torch.where(torch.isfinite(logits.double()), t, float("nan"))
     z = softcap * t
     lse = torch.logsumexp(z, dim=1)
     valid = targets != ignore_index
-    safe = torch.where(valid, targets, 0)
-    loss = torch.where(valid, lse - z.gather(1, safe[:, None]).squeeze(1), 0.0)
+    in_range = (targets >= 0) & (targets < logits.size(1))
+    safe = torch.where(valid & in_range, targets, 0)
+    loss = torch.where(valid, torch.where(in_range, lse - z.gather(1, safe[:, None]).squeeze(1), float("nan")), 0.0)
     p = torch.exp(z - lse[:, None])
     p[torch.arange(len(safe), device=p.device), safe] -= 1.0
     g = torch.ones_like(lse) if grad is None else grad.double().expand_as(lse)
-    g = torch.where(valid, g, 0.0)
-    dl = p * g[:, None] * logit_scale * (1 - t * t)
+    g = torch.where(valid, torch.where(in_range, g, float("nan")), 0.0)
+    dl = torch.where(valid[:, None], p * g[:, None] * logit_scale * (1 - t * t), 0.0)
     return loss, lse, dl
 
 
@@ -337,24 +439,28 @@ def test_ce_fused_forward_backward_matches_float64(gpu, poisoned, R, V, in_dtype
     _assert_close("loss", loss, want_loss, 1e-5, 1e-4)
     _assert_close("lse", lse, want_lse, 1e-5, 1e-4)
     assert dl.shape == (R, V) and dl.dtype == out_dtype
+    # Pass 2 reads tanh rounded to fp16 from shared memory (|Δt| <= 2^-12|t|): p within 15·2^-12 = 3.7e-3
+    # relatively, 1 - t² within 2^-11 absolutely; rows over the cache (60001 columns) use tanh.approx (2^-11).
     if fp8:
         _assert_fp8_close("dlogits", dl, want_dl / scale, out_dtype)
     else:
-        rtol = {torch.float32: 1e-4, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[out_dtype]
-        _assert_close("dlogits", dl, want_dl, rtol, 1e-6 * float(want_dl.abs().max()))
+        _assert_close("dlogits", dl, want_dl, 2e-2, 2e-3 * float(want_dl.abs().max()))
     ignored = targets == -100
     assert (dl[ignored].float() == 0).all()
-    # The backward from the saved lse derives everything the same way: bit-identical.
+    # The backward from the saved lse recomputes tanh (tanh.approx): the same gradient within that error.
     dl_bwd = ops.softcap_ce_backward(logits, targets, lse, 15.0, 0.5, grad=grad, dlogits_dtype=out_dtype,
                                      dl_scale=scale)
-    assert torch.equal(_raw(dl_bwd), _raw(dl)), "backward from lse differs from the fused pass"
+    if fp8:
+        _assert_fp8_close("dlogits from lse", dl_bwd, want_dl / scale, out_dtype)
+    else:
+        _assert_close("dlogits from lse", dl_bwd, want_dl, 2e-2, 2e-3 * float(want_dl.abs().max()))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("R, V", [(37, 1000), (3, 50304)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, E5M2])
 def test_ce_fast_tanh_within_its_error_budget(gpu, poisoned, R, V, out_dtype):
-    """tanh.approx: |Δt| <= 2^-11·|t|, so |Δz| <= 7.3e-3 at softcap 15 and |Δloss| <= 1.5e-2."""
+    """tanh.approx in pass 1: |Δt| <= 2^-11·|t|, so |Δz| <= 7.3e-3 at softcap 15 and |Δloss| <= 1.5e-2."""
     logits, targets = _ce_inputs(R, V, torch.bfloat16, seed=R * V)
     scale = 2.0**-14 if out_dtype == E5M2 else 1.0
     loss, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 1 / math.sqrt(768), dlogits_dtype=out_dtype,
@@ -365,9 +471,6 @@ def test_ce_fast_tanh_within_its_error_budget(gpu, poisoned, R, V, out_dtype):
     got = dl.double() * scale
     # 1 - t² is off by up to 2|t||Δt| ~ 1e-3 in absolute terms, i.e. relative to the largest gradient.
     _assert_close("dlogits", got, want_dl, 0.3 if out_dtype == E5M2 else 2e-2, 2e-3 * float(want_dl.abs().max()))
-    dl_bwd = ops.softcap_ce_backward(logits, targets, lse, 15.0, 1 / math.sqrt(768), dlogits_dtype=out_dtype,
-                                     dl_scale=scale, fast_tanh=True)
-    assert torch.equal(_raw(dl_bwd), _raw(dl)), "backward from lse differs from the fused pass"
 
 
 @pytest.mark.gpu
@@ -386,19 +489,47 @@ def test_ce_backward_from_saved_lse(gpu, poisoned, grad_kind, scale_kind):
     assert dl.data_ptr() == out.data_ptr()
     g = (None if grad is None else torch.as_tensor(grad, device="cuda", dtype=torch.float32))
     _, _, want = _ce_float64(logits, targets, 15.0, 0.25, -100, g)
-    _assert_close("dlogits", dl, want / 2.0**-5, 1e-4, 1e-6 * float(want.abs().max()) / 2.0**-5)
+    # tanh.approx (|Δt| <= 2^-11|t|): p within 7.3e-3 relatively, 1 - t² within 2^-10 absolutely.
+    _assert_close("dlogits", dl, want / 2.0**-5, 2e-2, 2e-3 * float(want.abs().max()) / 2.0**-5)
     assert torch.isnan(out.as_strided((R, 3), (V + 3, 1), V)).all(), "wrote past the row into the padding"
 
 
 @pytest.mark.gpu
-def test_ce_non_finite_logits_poison_only_their_row(gpu):
-    logits, targets = _ce_inputs(6, 333, torch.bfloat16, seed=5, ignore_some=False)
+def test_ce_non_finite_logits_and_bad_targets_poison_only_their_row(gpu):
+    logits, targets = _ce_inputs(7, 333, torch.bfloat16, seed=5, ignore_some=False)
     logits[2, 17] = float("nan")
-    logits[4, 3] = float("inf")  # tanh saturates: inf is a finite z = softcap
+    logits[4, 3] = float("inf")  # tanh would saturate it to the finite z = softcap: NaN instead
+    targets[6] = 333  # out of range and not ignore_index (the op's check switched off)
     loss, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 1.0, dlogits_dtype=torch.bfloat16)
-    assert torch.isnan(loss[2]) and torch.isnan(lse[2]) and torch.isnan(dl[2].float()).all()
-    keep = torch.tensor([0, 1, 3, 4, 5], device="cuda")
+    for row in (2, 4, 6):
+        assert torch.isnan(loss[row]) and torch.isnan(dl[row].float()).all(), row
+    assert torch.isnan(lse[2]) and torch.isnan(lse[4]) and torch.isfinite(lse[6])
+    keep = torch.tensor([0, 1, 3, 5], device="cuda")
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(dl[keep].float()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [15.0, 40.0, 60.0])  # fixed shift up to 40, a running max above
+def test_ce_large_softcap(gpu, poisoned, softcap):
+    logits, targets = _ce_inputs(9, 5003, torch.float32, seed=int(softcap))
+    logits = logits * 10  # most z near ±softcap: e^(z - softcap) spans e^(-2·softcap)
+    loss, lse, _ = ops.softcap_ce_forward(logits, targets, softcap, 1.0)
+    want_loss, want_lse, _ = _ce_float64(logits, targets, softcap, 1.0, -100)
+    _assert_close("lse", lse, want_lse, 1e-5, 1e-4)
+    _assert_close("loss", loss, want_loss, 1e-5, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_ce_record_rounding_of_the_gradient(gpu, poisoned, in_dtype):
+    R, V = 33, 2001
+    logits, targets = _ce_inputs(R, V, in_dtype, seed=21)
+    scale = 1 / 448
+    _, lse, dl = ops.softcap_ce_forward(logits, targets, 15.0, 0.5, dlogits_dtype=E5M2, dl_scale=scale,
+                                        round_bf16=True)
+    _, _, want = _ce_float64(logits, targets, 15.0, 0.5, -100)
+    want = want.to(torch.bfloat16).double() / scale
+    _assert_fp8_close("dlogits", dl, want, E5M2)
 
 
 # ===========================================================================
@@ -464,6 +595,14 @@ def test_cast_and_transposed_cast_match_the_op_quantiser(gpu, poisoned, in_dtype
     if in_dtype not in (E4M3, E5M2):
         q_pad, _, _ = ops.fp8_cast(_misaligned_view(x), out_dtype, scale)
         assert torch.equal(q_pad.view(torch.uint8), want)
+        # The record's rounding: x / scale to bf16 first, through both the flat and the tiled path.
+        from kernels.fp8_head import quantize
+        want_bf16 = quantize(x.float(), want_scale, out_dtype, round_bf16=True).view(torch.uint8)
+        for transpose in (False, True):
+            q_r, q_rt, _ = ops.fp8_cast(x, out_dtype, scale, transpose=transpose, round_bf16=True)
+            assert torch.equal(q_r.view(torch.uint8), want_bf16), f"round_bf16 cast (transpose={transpose})"
+            if transpose:
+                assert torch.equal(q_rt.view(torch.uint8), want_bf16.T)
 
 
 @pytest.mark.gpu
@@ -605,24 +744,26 @@ def test_relu2_mlp_cuda_backend(gpu, T, D, H, dtype):
 @pytest.mark.parametrize("T, D, V", [(7, 24, 37), (64, 128, 1000), (300, 768, 50304)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("static_scales", [False, True])
-def test_fp8_head_cuda_backend_matches_reference(gpu, T, D, V, dtype, static_scales):
+@pytest.mark.parametrize("reduction, rounding", [("sum", "fp32"), ("mean", "record"), ("none", "fp32")])
+def test_fp8_head_cuda_backend_matches_float64(gpu, T, D, V, dtype, static_scales, reduction, rounding):
+    from fp8_head_oracle import f64_fp8_head
+
     g = _gen(T + D + V)
     x = torch.randn(T, D, generator=g, device="cuda").to(dtype).requires_grad_()
     w = (torch.randn(V, D, generator=g, device="cuda") * 0.05).to(dtype).requires_grad_()
     targets = torch.randint(0, V, (T,), generator=g, device="cuda")
     targets[T // 2] = -100
     scales = kernels.SPEEDRUN_SCALES if static_scales else None
-    results = {}
-    for backend in ("cuda", "reference"):
-        loss = kernels.fp8_head_loss(x, w, targets, logit_scale=D**-0.5, scales=scales, reduction="sum",
-                                     backend=backend)
-        results[backend] = (loss, *torch.autograd.grad(loss, (x, w)))
-    loss, dx, dw = results["cuda"]
-    ref_loss, ref_dx, ref_dw = results["reference"]
-    # bf16 logits between the matmul and the loss: |Δz| <= 2^-9 |z| per logit, mostly averaging out.
-    assert abs(float(loss) - float(ref_loss)) <= 2e-3 * abs(float(ref_loss)) + 1e-3
-    for name, got, ref in (("dx", dx, ref_dx), ("dw", dw, ref_dw)):
+    loss = kernels.fp8_head_loss(x, w, targets, logit_scale=D**-0.5, scales=scales, reduction=reduction,
+                                 backend="cuda", rounding=rounding)
+    up = torch.rand(loss.shape, generator=_gen(1), device="cuda") + 0.5
+    dx, dw = torch.autograd.grad(loss, (x, w), up)
+    want = f64_fp8_head(x.detach(), w.detach(), targets, logit_scale=D**-0.5, scales=scales, reduction=reduction,
+                        rounding=rounding, upstream=up.double() if reduction == "none" else float(up))
+    assert torch.allclose(loss.double(), want["loss"], rtol=1e-5, atol=1e-5)
+    # The CE kernel's fp16-cached tanh moves ~1 % of the e5m2 codes by one step against float64.
+    for name, got, ref in (("dx", dx, want["dx"]), ("dw", dw, want["dw"])):
         assert got.dtype == dtype and torch.isfinite(got).all(), name
-        cos = torch.nn.functional.cosine_similarity(got.double().flatten(), ref.double().flatten(), dim=0)
-        assert cos > 0.99, (name, float(cos))  # e5m2 rounding of slightly different logits
-        assert _rel_err(got, ref.double()) < 0.1, name
+        cos = torch.nn.functional.cosine_similarity(got.double().flatten(), ref.flatten(), dim=0)
+        assert cos > 0.9999, (name, float(cos))
+        assert _rel_err(got, ref) < 2e-2, name

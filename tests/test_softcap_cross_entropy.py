@@ -81,6 +81,14 @@ def test_int32_targets():
     (dict(ignore_index=1.5), TypeError, "ignore_index: expected an int"),
     (dict(targets=torch.tensor([0, 1, 5, 2])), ValueError, r"targets: value 5 at index 2 is outside \[0, 5\)"),
     (dict(targets=torch.tensor([0, -1, 2, 2])), ValueError, r"targets: value -1 at index 1 .*ignore_index=-100"),
+    (dict(softcap=1e300), ValueError, "softcap: 1e[+]300 is outside float32's normal range"),
+    (dict(logit_scale=1e-40), ValueError, "logit_scale: 1e-40 is outside float32's normal range"),
+    (dict(logit_scale=1e-20, softcap=1e20), ValueError, "logit_scale: logit_scale / softcap = .* underflows float32"),
+    (dict(ignore_index=2**64), ValueError, "ignore_index: 18446744073709551616 does not fit in int64"),
+    (dict(logits=torch.randn(4, 5).to_sparse()), TypeError, "logits: layout sparse_coo is not supported"),
+    (dict(targets=torch.tensor([0, 1, 2, 3]).to_sparse()), TypeError, "targets: layout sparse_coo is not supported"),
+    (dict(logits=torch.nested.nested_tensor([torch.randn(2, 5), torch.randn(3, 5)], layout=torch.jagged)),
+     TypeError, "logits: nested tensors are not supported"),
 ])
 def test_bad_input(kwargs, exc, pattern):
     args = dict(logits=torch.randn(4, 5), targets=torch.tensor([0, 1, 2, 3]))
@@ -97,6 +105,45 @@ def test_target_check_switch():
         set_target_checks(True)
     with pytest.raises(ValueError):
         softcap_cross_entropy(torch.randn(2, 3), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_non_finite_logits_give_a_non_finite_loss(bad):
+    # tanh saturates at ±inf: without care an infinite logit would be the finite z = ±softcap.
+    logits = torch.randn(4, 9, requires_grad=True)
+    targets = torch.tensor([0, 3, 5, 8])
+    with torch.no_grad():
+        poisoned = logits.clone()
+        poisoned[2, 4] = bad
+    poisoned.requires_grad_(True)
+    rows = softcap_cross_entropy(poisoned, targets, reduction="none")
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3]]).all()
+    assert torch.isnan(softcap_cross_entropy(poisoned, targets))
+    (grad,) = torch.autograd.grad(rows.sum(), poisoned)
+    assert torch.isnan(grad[2]).all() and torch.isfinite(grad[[0, 1, 3]]).all()
+
+
+def test_out_of_range_target_with_checks_off_gives_nan():
+    set_target_checks(False)
+    try:
+        rows = softcap_cross_entropy(torch.randn(3, 5), torch.tensor([0, 7, -3]), reduction="none")
+    finally:
+        set_target_checks(True)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda k: k.relu2_mlp(torch.randn(4, 8).to_sparse(), torch.randn(16, 8), torch.randn(8, 16)), "x: layout"),
+    (lambda k: k.relu2_mlp(torch.randn(4, 8), torch.randn(16, 8).to_sparse(), torch.randn(8, 16)), "w_fc: layout"),
+    (lambda k: k.newton_schulz(torch.randn(8, 8).to_sparse()), "G: layout sparse_coo"),
+    (lambda k: k.newton_schulz(torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)],
+                                                          layout=torch.jagged)), "G: nested tensors"),
+])
+def test_every_op_requires_a_dense_strided_layout(call, pattern):
+    # The check lives in kernels._checks.check_tensor, which every op's wrapper runs first.
+    import kernels
+    with pytest.raises(TypeError, match=pattern):
+        call(kernels)
 
 
 def test_opcheck():

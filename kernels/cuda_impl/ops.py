@@ -124,18 +124,32 @@ def _dlogits_out(out, rows, cols, dtype, device):
     return out
 
 
+def _row_out(name, out, rows, device):
+    """A given fp32 [rows] destination (checked), or a new one."""
+    if out is None:
+        return _alloc((rows,), torch.float32, device)
+    _check(name, out, (torch.float32,), ndim=1, device=device)
+    if out.size(0) != rows or (rows > 1 and out.stride(0) != 1):
+        raise ValueError(f"{name}: expected a contiguous [{rows}] tensor, got shape {tuple(out.shape)}")
+    return out
+
+
 def softcap_ce_forward(logits, targets, softcap: float, logit_scale: float, ignore_index: int = -100, *,
-                       grad=None, dlogits_dtype=None, dl_scale=1.0, out=None, fast_tanh: bool = False):
+                       grad=None, dlogits_dtype=None, dl_scale=1.0, out=None, fast_tanh: bool = False,
+                       round_bf16: bool = False, loss_out=None, lse_out=None):
     """Per-row loss and lse of softcapped logits; with ``dlogits_dtype`` also their gradient, in the same pass.
 
     logits [R, V] (fp32 / fp16 / bf16, unit column stride, any row stride),
     targets [R] int64. grad: d(total)/d(row_loss) as None (1), a float, a
     1-element or an [R] fp32 tensor. The gradient is written as
     dlogits_dtype (bf16, fp16, fp32, e4m3, e5m2) after division by dl_scale
-    (a float or a 1-element fp32 tensor), into ``out`` when given.
-    fast_tanh: tanh.approx.f32 (relative error 2^-11, up to ~7e-3 on z at
-    softcap 15) instead of the ~1e-7 exp2-based tanh; fewer special-function
-    operations per element.
+    (a float or a 1-element fp32 tensor), into ``out`` when given; with
+    round_bf16 it is rounded to bf16 before that division (the record's
+    bf16 logits' gradient). fast_tanh: pass 1 with tanh.approx.f32 (relative
+    error 2^-11, up to ~7e-3 on z at softcap 15) instead of the ~1e-7
+    exp2-based tanh; pass 2 uses the fp16-cached tanh of pass 1 (or
+    tanh.approx when the row does not fit in shared memory).
+    loss_out / lse_out: fp32 [R] destinations (e.g. slices of a larger buffer).
     Returns (loss [R] fp32, lse [R] fp32, dlogits or None).
     """
     _ce_common(logits, targets)
@@ -147,8 +161,8 @@ def softcap_ce_forward(logits, targets, softcap: float, logit_scale: float, igno
     if dlogits_dtype is not None:
         dl = _dlogits_out(out, rows, cols, dlogits_dtype, device)
         dl_host, dl_ptr, _keep_s = _scale_args("dl_scale", dl_scale, device)
-    loss = _alloc((rows,), torch.float32, device)
-    lse = _alloc((rows,), torch.float32, device)
+    loss = _row_out("loss_out", loss_out, rows, device)
+    lse = _row_out("lse_out", lse_out, rows, device)
     if rows:
         extension().softcap_ce(
             device=device.index, stream=_stream(device),
@@ -160,15 +174,17 @@ def softcap_ce_forward(logits, targets, softcap: float, logit_scale: float, igno
             dlogits=dl.data_ptr() if dl is not None else 0,
             dlogits_dtype=DTYPE_CODES[dl.dtype] if dl is not None else 2,
             ld_dlogits=_row_stride(dl) if dl is not None else 0,
-            dl_scale_ptr=dl_ptr, dl_scale=dl_host, fast_tanh=bool(fast_tanh))
+            dl_scale_ptr=dl_ptr, dl_scale=dl_host, fast_tanh=bool(fast_tanh), round_bf16=bool(round_bf16))
     return loss, lse, dl
 
 
 def softcap_ce_backward(logits, targets, lse, softcap: float, logit_scale: float, ignore_index: int = -100, *,
-                        grad=None, dlogits_dtype=torch.bfloat16, dl_scale=1.0, out=None, fast_tanh: bool = False):
+                        grad=None, dlogits_dtype=torch.bfloat16, dl_scale=1.0, out=None, fast_tanh: bool = False,
+                        round_bf16: bool = False):
     """The logits' gradient from a saved lse in one read of the logits (no log-sum-exp pass).
 
-    Same arguments as ``softcap_ce_forward``, plus lse [R] fp32 from it.
+    Same arguments as ``softcap_ce_forward``, plus lse [R] fp32 from it. The
+    tanh is tanh.approx here (fast_tanh is accepted for symmetry).
     Returns dlogits [R, V] in dlogits_dtype (or ``out``).
     """
     _ce_common(logits, targets)
@@ -188,7 +204,7 @@ def softcap_ce_backward(logits, targets, lse, softcap: float, logit_scale: float
             logit_scale=float(logit_scale), ignore_index=int(ignore_index), lse_in=lse.data_ptr(),
             grad=grad_ptr, grad_stride=grad_stride, grad_mult=grad_mult,
             dlogits=dl.data_ptr(), dlogits_dtype=DTYPE_CODES[dl.dtype], ld_dlogits=_row_stride(dl),
-            dl_scale_ptr=dl_ptr, dl_scale=dl_host, fast_tanh=bool(fast_tanh))
+            dl_scale_ptr=dl_ptr, dl_scale=dl_host, fast_tanh=bool(fast_tanh), round_bf16=bool(round_bf16))
     return dl
 
 
@@ -207,7 +223,8 @@ def fp8_amax(x: torch.Tensor) -> torch.Tensor:
     return amax
 
 
-def fp8_cast(x: torch.Tensor, dtype=E4M3, scale=None, *, write=True, transpose=False, out=None, out_t=None):
+def fp8_cast(x: torch.Tensor, dtype=E4M3, scale=None, *, write=True, transpose=False, out=None, out_t=None,
+             round_bf16: bool = False):
     """q = x / scale as ``dtype`` (finite values saturated, non-finite NaN), optionally also transposed.
 
     x: fp32 / fp16 / bf16 / float8, 2-D with unit column stride (any
@@ -216,6 +233,7 @@ def fp8_cast(x: torch.Tensor, dtype=E4M3, scale=None, *, write=True, transpose=F
     tensor. write / transpose choose the outputs: q like x, q_t [cols, rows].
     out / out_t: 2-D destinations with unit column stride (row-padded views of
     zeroed buffers, e.g. for torch._scaled_mm's multiples of 16).
+    round_bf16: round x / scale to bf16 before the cast (the record's bf16 division).
     Returns (q or None, q_t or None, scale used as a 0-dim fp32 tensor).
     """
     _check("x", x, FLOAT_DTYPES + FP8_DTYPES)
@@ -266,7 +284,7 @@ def fp8_cast(x: torch.Tensor, dtype=E4M3, scale=None, *, write=True, transpose=F
         out=q.data_ptr() if q is not None else 0, ld_out=(_row_stride(q) if q is not None and q.dim() == 2 else cols),
         out_t=q_t.data_ptr() if q_t is not None else 0, ld_out_t=_row_stride(q_t) if q_t is not None else 0,
         out_dtype=DTYPE_CODES[dtype], scale=host, scale_ptr=ptr,
-        amax_ptr=amax.data_ptr() if amax is not None else 0, scale_out=used.data_ptr())
+        amax_ptr=amax.data_ptr() if amax is not None else 0, scale_out=used.data_ptr(), round_bf16=bool(round_bf16))
     return q, q_t, used
 
 
