@@ -3,8 +3,8 @@
 Kernels and providers:
   cuda_softcap_ce  bf16 logits [T, V]: fwd = loss + lse; bwd = dlogits from a saved lse;
                    fwd+bwd = loss + dlogits in one pass (bf16, and e5m2 as "cuda_e5m2").
-                   reference = the op's fp32 PyTorch math, compiled = it under torch.compile,
-                   triton = the Triton backend's row kernel (e5m2 gradient) when present.
+                   reference = the op's fp32 PyTorch math, compiled = it under torch.compile
+                   (the Triton CE kernel is timed at the FP8 head's chunk shape in bench_fp8_head).
   cuda_fp8_cast    static-scale e4m3 cast of a bf16 tensor (cuda, cuda_dynamic with the amax pass),
                    and the transposed e5m2 re-cast the FP8 head's backward needs (mode "bwd").
                    reference = kernels.fp8_head.quantize (eager), compiled = it compiled.
@@ -60,11 +60,6 @@ def bench_softcap_ce(ctx) -> None:
                                 "issue 7: ≥ 2.5 TB/s effective (read logits, write bf16 dlogits)")])
     ce = importlib.import_module("kernels.softcap_cross_entropy")
     ops, why_not = _cuda_ops(ctx)
-    try:
-        triton_fp8 = importlib.import_module("kernels.triton_impl.fp8_head")
-        triton_rows = getattr(triton_fp8, "_ce_rows", None)
-    except ImportError:
-        triton_fp8 = triton_rows = None
     softcap, logit_scale = 15.0, 1 / math.sqrt(768)
 
     def ref_fwd(logits, targets):
@@ -117,15 +112,12 @@ def bench_softcap_ce(ctx) -> None:
         # (implementation, float8 dlogits dtype or None for bf16, tanh.approx in the CUDA kernel)
         providers = {"reference": ("ref", None, False), "compiled": ("compiled", None, False),
                      "cuda": ("cuda", None, False), "cuda_fast_tanh": ("cuda", None, True),
-                     "cuda_e5m2": ("cuda", E5M2, False), "triton": ("triton", E5M2, False)}
+                     "cuda_e5m2": ("cuda", E5M2, False)}
+        # The Triton CE kernel is timed beside this one at the FP8 head's chunk shape: bench_fp8_head's fp8_head_ce.
         for name, (impl, dl_dtype, fast) in providers.items():
             if impl == "cuda" and ops is None:
                 for mode in (harness.MODES if dl_dtype is None else ("fwd+bwd",)):
                     ctx.skip(kernel=kernel, shape=shape, provider=name, mode=mode, note=why_not)
-                continue
-            if impl == "triton" and (triton_rows is None or ctx.unavailable("fp8_head", "triton")):
-                note = ctx.unavailable("fp8_head", "triton") or "kernels.triton_impl.fp8_head has no _ce_rows"
-                ctx.skip(kernel=kernel, shape=shape, provider=name, mode="fwd+bwd", note=note)
                 continue
             gs = 2.0**-16  # puts |dlogits| <= logit_scale / T well inside e5m2
             out_bytes = 1 if dl_dtype is not None else 2
@@ -149,14 +141,6 @@ def bench_softcap_ce(ctx) -> None:
                 fused = lambda dtype=dtype, scale=scale, fast=fast: ops.softcap_ce_forward(  # noqa: E731
                     logits, targets, softcap, logit_scale, grad=grad, dlogits_dtype=dtype, dl_scale=scale,
                     fast_tanh=fast)[::2]
-            else:
-                cfg = triton_fp8.get_config(logits.device)
-
-                def fused(cfg=cfg):
-                    loss, _lse, dl, _gs = triton_rows(logits, targets, softcap, logit_scale, -100, cfg,
-                                                          row_grad=grad, grad_scale=gs)
-                    return loss, dl
-                fwd = bwd = None
             # tanh.approx moves z by up to 7e-3 (see csrc/softcap_ce.cu): looser loss tolerance.
             loss_tol = 2e-3 if fast else 1e-4
             if impl in ("ref", "compiled", "cuda") and dl_dtype is None:

@@ -6,7 +6,7 @@ Public ops (each a ``torch.library`` op in the ``kernels`` namespace, so
     newton_schulz(G, steps=5, coefficients="quintic", eps=1e-7, backend=None)
     softcap_cross_entropy(logits, targets, softcap=15.0, logit_scale=1.0, reduction="mean", ignore_index=-100)
     fp8_head_loss(x, weight, targets, softcap=15.0, logit_scale=1.0, scales=None, reduction="mean",
-                  ignore_index=-100, backend=None)
+                  ignore_index=-100, backend=None, rounding="fp32")
     relu2_mlp(x, w_fc, w_proj, backend=None)
 
 backend: "reference", "triton", "cuda", or None for $KERNELS_BACKEND or the

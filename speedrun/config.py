@@ -55,6 +55,7 @@ class Config:
     dtype: str = "bfloat16"             # activations and embedding tables
     attention: str = "auto"             # flex (GPU), sdpa (dense mask), auto: flex on CUDA
     head_fp8: bool = True               # training head through kernels.fp8_head_loss
+    head_rounding: str = "record"       # fp8_head_loss(rounding=): the record's bf16 roundings, or "fp32"
     fp8_scales: str = "static"          # static (the record's, scaled to model_dim) or dynamic
     compile: str = "auto"               # torch.compile the whole model: auto (on CUDA), true, false, or a
                                         # torch.compile backend name (inductor, aot_eager, eager)
@@ -117,6 +118,7 @@ class Config:
         need(self.backend in ("auto", "reference", "triton", "cuda"), "backend",
              "expected auto, reference, triton or cuda")
         need(self.fp8_scales in ("static", "dynamic"), "fp8_scales", "expected static or dynamic")
+        need(self.head_rounding in ("record", "fp32"), "head_rounding", "expected record or fp32")
         need(0.0 <= self.cooldown_frac <= 1.0, "cooldown_frac", "expected a fraction in [0, 1]")
         need(self.checkpoint_every >= 0, "checkpoint_every", "expected >= 0")
         need(self.stop_after >= 0, "stop_after", "expected >= 0")

@@ -157,7 +157,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         if self.training and cfg.head_fp8:
             return kernels.fp8_head_loss(x, self.lm_head_w, targets, softcap=cfg.softcap, logit_scale=self.logit_scale,
-                                         scales=self.fp8_scales, reduction="sum", backend=self.backend)
+                                         scales=self.fp8_scales, reduction="sum", backend=self.backend,
+                                         rounding=cfg.head_rounding)
         if self.training:
             logits = F.linear(x, self.lm_head_w.type_as(x))
             return kernels.softcap_cross_entropy(logits, targets, softcap=cfg.softcap, logit_scale=self.logit_scale,
