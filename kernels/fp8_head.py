@@ -407,15 +407,20 @@ def chunked_forward(stages: Stages, x, weight, targets, softcap, logit_scale, x_
                     chunk_bytes=chunk_bytes)
     elif dw_acc is not None:
         dw_acc.zero_()
-    dw = _empty(device).to(weight.dtype)
-    if dw_acc is not None:
-        dw = dw_acc if Dp == D and weight.dtype == torch.float32 else dw_acc[:, :D].to(weight.dtype)
+    dw = _finish_dw(dw_acc, D, weight.dtype, device)
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = (x8 if Dp == D else x8[:, :D].contiguous()) if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = (w8[:V, :D].contiguous() if (Vp, Dp) != (V, D) else w8) if keep else _empty(device).to(
         torch.float8_e4m3fn)
     return (reduce_loss(row_loss, targets, reduction, ignore_index), lse,
             dx if dx is not None else _empty(device).to(x.dtype), dw, x_f8, w_f8, torch.stack([xs, ws]))
+
+
+def _finish_dw(dw_acc, D: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The fp32 dW accumulator [V, Dp] as the weight's gradient [V, D] (an empty tensor when none was asked)."""
+    if dw_acc is None:
+        return _empty(device).to(dtype)
+    return dw_acc if dw_acc.shape[1] == D and dtype == torch.float32 else dw_acc[:, :D].to(dtype)
 
 
 def chunked_backward(stages: Stages, row_grad, x_f8, w_f8, targets, lse, used_scales, softcap, logit_scale,
@@ -441,9 +446,7 @@ def chunked_backward(stages: Stages, row_grad, x_f8, w_f8, targets, lse, used_sc
                     chunk_bytes=chunk_bytes)
     elif dw_acc is not None:
         dw_acc.zero_()
-    dw = _empty(device).to(w_dtype)
-    if dw_acc is not None:
-        dw = dw_acc if Dp == D and w_dtype == torch.float32 else dw_acc[:, :D].to(w_dtype)
+    dw = _finish_dw(dw_acc, D, w_dtype, device)
     return dx if dx is not None else _empty(device).to(x_dtype), dw
 
 

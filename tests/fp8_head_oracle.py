@@ -1,4 +1,5 @@
-"""A float64 oracle of fp8_head_loss, written from the op's documented math, independent of the package.
+"""A float64 oracle of fp8_head_loss, written from the op's documented math, independent of the package,
+and LargestTensor, the probe of the no-[T, V] tests.
 
 Quantisation is done as the contract specifies it (the division in fp32, round-to-nearest-even
 casts, finite values saturated, non-finite ones NaN); everything after it is float64: logits,
@@ -7,6 +8,8 @@ rounding="record" also rounds x / x_scale, the logits and the logits' gradient t
 """
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 
@@ -96,3 +99,21 @@ def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, r
         loss = row_loss.sum() / n_valid if n_valid else torch.tensor(float("nan"), dtype=torch.float64)
     return dict(loss=loss, row_loss=row_loss, lse=lse, dl=torch.cat(dls) if dls else None, dx=dx, dw=dw,
                 x8=x8, w8=w8, xs=xs, ws=ws)
+
+
+class LargestTensor(TorchDispatchMode):
+    """The largest size in bytes among the outputs of every torch op run inside (allocations included).
+
+    Bytes, not elements: the interpreter copies arguments through untyped (uint8) storages.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out

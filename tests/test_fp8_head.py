@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from fp8_head_oracle import f64_fp8_head
+from fp8_head_oracle import LargestTensor, f64_fp8_head
 from kernels import SPEEDRUN_SCALES, fp8_head_loss, set_target_checks
 from kernels import fp8_head as op
 from kernels.fp8_head import _fp8_head_loss_backward_op, _fp8_head_loss_op, quantize
@@ -37,21 +35,6 @@ def rel(got, want):
 def small_chunks(monkeypatch):
     """The reference walks T in chunks of 16 rows, so the test shapes span several."""
     monkeypatch.setattr(op, "REFERENCE_CHUNK_ROWS", 16)
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest size in bytes among the outputs of every torch op run inside (allocations included)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 # ---------------------------------------------------------------------------

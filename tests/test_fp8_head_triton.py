@@ -24,13 +24,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from fp8_head_oracle import f64_fp8_head  # noqa: E402
+from fp8_head_oracle import LargestTensor, f64_fp8_head  # noqa: E402
 from kernels import fp8_head as ref  # noqa: E402
 from kernels.triton_impl import fp8_head as impl  # noqa: E402
 
@@ -80,24 +78,6 @@ def _poison(shape, dtype, device):
 def poisoned(monkeypatch):
     """Every buffer the backend allocates with _alloc (outputs, logits, dl, dlᵀ, partials) starts as NaN."""
     monkeypatch.setattr(impl, "_alloc", _poison)
-
-
-class _LargestTensor(TorchDispatchMode):
-    """The largest size in bytes among the outputs of every torch op run inside (allocations included).
-
-    Bytes, not elements: the interpreter copies arguments through untyped (uint8) storages.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 def _forward(x, w, targets, reduction="sum", rounding="fp32", scales=None, logit_scale=0.5, need=(True, True),
@@ -437,13 +417,13 @@ def test_chunked_path_never_allocates_t_by_v(triton_device):
     T, D, V = 128, 8, 203
     x, w, targets = _inputs(T, D, V, torch.float32, triton_device, seed=10)
     for reduction in ("sum", "none"):
-        with _LargestTensor() as watch:
+        with LargestTensor() as watch:
             _loss, lse, _dx, _dw, x_f8, w_f8, used = _forward(x, w, targets, reduction)
             if reduction == "none":
                 impl.backward(torch.ones(T, device=triton_device), x_f8, w_f8, targets, lse, used, SOFTCAP, 0.5,
                               None, -100, True, True, torch.float32, torch.float32, "fp32", config=SMALL_CHUNKS)
         assert watch.largest < T * V, f"{reduction}: a tensor of {watch.largest} bytes >= T·V = {T * V}"
-    with _LargestTensor() as whole:
+    with LargestTensor() as whole:
         _forward(x, w, targets, "sum", config={"chunk_rows": 128})
     assert whole.largest >= T * V
 
