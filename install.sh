@@ -34,7 +34,7 @@ key=$(install_key)
 # Up to date: same key, and this Python imports every declared dependency and this checkout's package.
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$key" ] && (cd / && $PY - "$OLDPWD/kernels" <<'PY'
 import importlib.metadata, os, sys
-import torch, triton, numpy, tqdm, huggingface_hub, pytest, matplotlib  # noqa: F401
+import torch, triton, numpy, tqdm, huggingface_hub, pytest, matplotlib, pybind11  # noqa: F401
 importlib.metadata.distribution("speedrun-kernels")
 import kernels
 sys.exit(0 if os.path.dirname(os.path.realpath(kernels.__file__)) == os.path.realpath(sys.argv[1]) else 1)

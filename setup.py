@@ -253,7 +253,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "triton", "numpy", "huggingface_hub", "tqdm"],
     # bench: plots of benchmark results and training runs (without it they are skipped, with a message).
-    extras_require={"bench": BENCH_REQUIRES, "test": ["pytest", *BENCH_REQUIRES]},
+    # test: pybind11 too, for the tests that run setup.py's extension build (install never fails).
+    extras_require={"bench": BENCH_REQUIRES, "test": ["pytest", "pybind11>=2.10", *BENCH_REQUIRES]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtOptionalCuda},
     zip_safe=False,
