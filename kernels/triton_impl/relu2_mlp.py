@@ -320,21 +320,24 @@ def _check_weights(x, w_fc, w_proj):
     return T, D, H
 
 
-def forward(x, w_fc, w_proj):
-    """x [T, D], w_fc [H, D], w_proj [D, H] (weights in any strides) -> (out [T, D], post [T, H]), in x.dtype."""
+def forward(x, w_fc, w_proj, config=None):
+    """x [T, D], w_fc [H, D], w_proj [D, H] (weights in any strides) -> (out [T, D], post [T, H]), in x.dtype.
+
+    config: optional overrides for the fused GEMM (benchmarks).
+    """
     T, D, H = _check_weights(x, w_fc, w_proj)
     post = _alloc((T, H), x.dtype, x.device)
-    fused_gemm(x, w_fc.t(), post, EPILOGUE_RELU2)
+    fused_gemm(x, w_fc.t(), post, EPILOGUE_RELU2, config=config)
     out = torch.mm(post, w_proj.t(), out=_alloc((T, D), x.dtype, x.device))
     return out, post
 
 
-def backward(dy, x, w_fc, w_proj, post):
+def backward(dy, x, w_fc, w_proj, post, config=None):
     """-> (dx [T, D], dw_fc [H, D], dw_proj [D, H]); each weight gradient in its weight's layout."""
     T, D, H = _check_weights(x, w_fc, w_proj)
     _check("dy", dy, x.dtype, (T, D), x.device)
     _check("post", post, x.dtype, (T, H), x.device)
     dpre = _alloc((T, H), x.dtype, x.device)
-    fused_gemm(dy, w_proj, dpre, EPILOGUE_RELU2_GRAD, aux=post)
+    fused_gemm(dy, w_proj, dpre, EPILOGUE_RELU2_GRAD, aux=post, config=config)
     dx = torch.mm(dpre, w_fc, out=_alloc((T, D), x.dtype, x.device))
     return dx, matmul_in_layout(dpre.t(), x, w_fc, _alloc), matmul_in_layout(dy.t(), post, w_proj, _alloc)
