@@ -90,7 +90,7 @@ def orthogonalize(wide: torch.Tensor, group: dict) -> torch.Tensor:
 
 
 def add_update(target: torch.Tensor, ortho_wide: torch.Tensor, rows: int, cols: int, alpha: float) -> None:
-    """target (a [..., rows, cols] parameter or flat shard) += alpha · ortho, ortho [k, m, n] in the canonical orientation."""
+    """target (a [..., rows, cols] parameter or shard) += alpha·ortho; ortho [k, m, n] in the canonical orientation."""
     o = (ortho_wide.mT if rows > cols else ortho_wide).to(target.dtype)
     if target.is_contiguous():
         target.view(o.shape).add_(o, alpha=alpha)

@@ -238,38 +238,39 @@ class ShardedMuon(_Sharded):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Buckets of one batch key share one newton_schulz call; keys in the order their last
-        # bucket is launched (buckets_of lists them in launch order).
-        by_key: dict[tuple, list] = {}
-        for bucket in self.grad_sync.buckets_of(self):
-            rows, cols = bucket.params[0].shape[-2:]
-            by_key.setdefault(batch_key(self.param_groups[bucket.group], rows, cols, bucket.grad.device),
-                              []).append(bucket)
+        # Buckets of one batch key share one newton_schulz call. The buckets are walked in launch
+        # order, each waited for only when reached; a key is orthogonalised (and its buckets'
+        # gathers started) as soon as its last bucket has been reached.
+        buckets = self.grad_sync.buckets_of(self)
+        keys = [batch_key(self.param_groups[b.group], *b.params[0].shape[-2:], b.grad.device) for b in buckets]
+        last = {key: i for i, key in enumerate(keys)}
+        pending: dict[tuple, list] = {}
         gathers = []
-        for members in sorted(by_key.values(), key=lambda buckets: buckets[-1].index):
-            pending, wide = [], []
-            for bucket in members:
-                group = self.param_groups[bucket.group]
-                check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
-                rows, cols = bucket.params[0].shape[-2:]
-                g = self.grad_sync.wait(bucket).view(-1, rows, cols).float()
-                state = self._shard_state.get(bucket.index)
-                if state is None:
-                    state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
-                update = momentum_update(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
-                real = self._real_units(bucket)
-                pending.append((bucket, group, real))
-                wide.append(as_wide(update[:real], rows, cols))
-            ortho = orthogonalize(torch.cat(wide), pending[0][1]) if sum(w.size(0) for w in wide) else None
+        for i, (bucket, key) in enumerate(zip(buckets, keys)):
+            group = self.param_groups[bucket.group]
+            check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
+            rows, cols = bucket.params[0].shape[-2:]
+            g = self.grad_sync.wait(bucket).view(-1, rows, cols).float()
+            state = self._shard_state.get(bucket.index)
+            if state is None:
+                state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
+            update = momentum_update(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            real = self._real_units(bucket)
+            pending.setdefault(key, []).append((bucket, group, real, as_wide(update[:real], rows, cols)))
+            if last[key] != i:
+                continue
+            members = pending.pop(key)
+            wide = [w for *_, w in members]
+            ortho = orthogonalize(torch.cat(wide), members[0][1]) if sum(w.size(0) for w in wide) else None
             start = 0
-            for bucket, group, real in pending:
-                rows, cols = bucket.params[0].shape[-2:]
-                param = self._param_shard(bucket)
-                if real:
-                    add_update(param.view(-1, rows, cols)[:real], ortho[start: start + real], rows, cols,
-                               -group["lr"] * update_scale(rows, cols))
-                start += real
-                gathers.append((bucket, *self._gather(bucket, param)))
+            for member, group_m, real_m, _ in members:
+                rows_m, cols_m = member.params[0].shape[-2:]
+                param = self._param_shard(member)
+                if real_m:
+                    add_update(param.view(-1, rows_m, cols_m)[:real_m], ortho[start: start + real_m], rows_m,
+                               cols_m, -group_m["lr"] * update_scale(rows_m, cols_m))
+                start += real_m
+                gathers.append((member, *self._gather(member, param)))
         for bucket, full, work in gathers:
             if work is not None:
                 work.wait()

@@ -281,9 +281,9 @@ def tune(table: dict, only: str | None, quick: bool) -> dict:
             post = torch.empty(T, H, device=dev, dtype=torch.bfloat16)
             m.fused_gemm(x, w_fc.t(), post, m.EPILOGUE_RELU2)
             dpre = torch.empty_like(post)
-            for epilogue, run in ((m.EPILOGUE_RELU2, lambda c: m.fused_gemm(x, w_fc.t(), post, m.EPILOGUE_RELU2, None, c)),
-                                  (m.EPILOGUE_RELU2_GRAD,
-                                   lambda c: m.fused_gemm(x, w_proj, dpre, m.EPILOGUE_RELU2_GRAD, post, c))):
+            runs = ((m.EPILOGUE_RELU2, lambda c: m.fused_gemm(x, w_fc.t(), post, m.EPILOGUE_RELU2, None, c)),
+                    (m.EPILOGUE_RELU2_GRAD, lambda c: m.fused_gemm(x, w_proj, dpre, m.EPILOGUE_RELU2_GRAD, post, c)))
+            for epilogue, run in runs:
                 key = m.table_key(T, H, D, torch.bfloat16, epilogue)
                 table["relu2_gemm"][key] = _fastest(f"relu2_gemm {key}", mlp, run)
             del x, w_fc, w_proj, post, dpre
