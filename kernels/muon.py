@@ -7,13 +7,21 @@ The update rule is the speedrun's (record #23):
     u      <- newton_schulz(u)                           (per [rows, cols] matrix)
     p      <- p - lr * max(1, rows / cols) ** 0.5 * u
 
-Parameters of the same shape inside a param group are stacked and orthogonalised
-by ONE batched ``kernels.newton_schulz`` call, so the Newton-Schulz kernels see a
-batch of matrices instead of many tiny launches. A parameter with more than two
-dims (the merged QKV weight [3, H*hd, D]) is a batch of its trailing [rows, cols]
-matrices: each slice is orthogonalised on its own, as in the speedrun.
+Batching: a parameter with more than two dims (the merged QKV weight [3, H*hd, D]) is a
+batch of its trailing [rows, cols] matrices, each orthogonalised on its own, as in the
+speedrun. All matrices of the optimizer, across parameters and param groups, that share
+a canonical shape (rows and cols in increasing order: a tall [r, c] matrix enters as its
+transpose [c, r]), a device and the Newton-Schulz settings (ns_steps, coefficients,
+backend) are stacked and orthogonalised by ONE batched ``kernels.newton_schulz`` call.
+Since NS(Gᵀ) = NS(G)ᵀ (the iteration itself runs on the wide orientation), a tall
+matrix's update is the transpose of its wide twin's; the transposition happens in the
+stacking copy and in the final add, and the scale max(1, rows/cols)^0.5 is that of the
+parameter as stored. For the speedrun's model that is two calls per step: 44 matrices of
+768x768 (33 QKV slices, 11 output projections) and 24 of 768x3072 (12 fc weights
+[3072, 768] transposed, 12 down projections [768, 3072]).
 
-Single process: sharding the step across ranks belongs to the distributed trainer.
+Single process: sharding the step across ranks belongs to the distributed trainer
+(speedrun/sharded_optim.py), which applies the same rule through the helpers below.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Iterable
 
 import torch
 
-from kernels.newton_schulz import newton_schulz
+from kernels.newton_schulz import MAX_STEPS, newton_schulz
 
 __all__ = ["Muon"]
 
@@ -33,20 +41,61 @@ def _newton_schulz(G, steps, coefficients, backend):
     return newton_schulz(G, steps=steps, coefficients=coefficients, backend=backend)
 
 
+def check_hyper(lr, momentum, nesterov, ns_steps) -> None:
+    """Raise when a group's hyperparameters are unusable (they may be edited between steps)."""
+    if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
+        raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
+    if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov: expected a bool, got {type(nesterov).__name__} {nesterov!r}")
+    if not (isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and 1 <= ns_steps <= MAX_STEPS):
+        raise ValueError(f"ns_steps: expected an int in [1, {MAX_STEPS}], got {ns_steps!r}")
+
+
 def momentum_update(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
     """Advance the fp32 momentum ``buf`` in place with gradient ``g``; the update to orthogonalise."""
     buf.lerp_(g, 1.0 - momentum)
     return torch.lerp(g, buf, momentum) if nesterov else buf
 
 
-def orthogonal_step(updates: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
-    """(orthogonalised updates, step size) for a batch ``[B, rows, cols]``: add ortho·size to the weights.
+def update_scale(rows: int, cols: int) -> float:
+    """The record's step-size factor for a [rows, cols] matrix: max(1, rows / cols) ** 0.5."""
+    return max(1.0, rows / cols) ** 0.5
 
-    Shared by this optimizer and the sharded one of the trainer, so both apply one rule.
-    """
-    rows, cols = updates.shape[-2:]
-    ortho = _newton_schulz(updates, group["ns_steps"], group["coefficients"], group["backend"])
-    return ortho, -group["lr"] * max(1.0, rows / cols) ** 0.5
+
+def canonical_shape(rows: int, cols: int) -> tuple[int, int, bool]:
+    """(m, n, transposed): the wide orientation m <= n the batch runs in, and whether [rows, cols] is its transpose."""
+    return (cols, rows, True) if rows > cols else (rows, cols, False)
+
+
+def batch_key(group: dict, rows: int, cols: int, device: torch.device) -> tuple:
+    """Matrices with equal keys are orthogonalised in one newton_schulz call."""
+    coefficients = group["coefficients"]
+    if not isinstance(coefficients, str):
+        coefficients = tuple(tuple(abc) for abc in coefficients)
+    m, n, _ = canonical_shape(rows, cols)
+    return m, n, device, group["ns_steps"], coefficients, group["backend"]
+
+
+def as_wide(u: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[k, m, n] view of a batch of [rows, cols] matrices in the canonical orientation (transposed if tall)."""
+    u = u.reshape(-1, rows, cols)
+    return u.mT if rows > cols else u
+
+
+def orthogonalize(wide: torch.Tensor, group: dict) -> torch.Tensor:
+    """newton_schulz of a [B, m, n] batch (m <= n) with the group's settings."""
+    return _newton_schulz(wide, group["ns_steps"], group["coefficients"], group["backend"])
+
+
+def add_update(target: torch.Tensor, ortho_wide: torch.Tensor, rows: int, cols: int, alpha: float) -> None:
+    """target (a [..., rows, cols] parameter or shard) += alpha·ortho; ortho [k, m, n] in the canonical orientation."""
+    o = (ortho_wide.mT if rows > cols else ortho_wide).to(target.dtype)
+    if target.is_contiguous():
+        target.view(o.shape).add_(o, alpha=alpha)
+    else:
+        target.add_(o.reshape(target.shape), alpha=alpha)
 
 
 class Muon(torch.optim.Optimizer):
@@ -56,8 +105,8 @@ class Muon(torch.optim.Optimizer):
         params: parameters or param groups; every parameter must have >= 2 dims.
         lr: learning rate (group["lr"], may be changed between steps).
         momentum: momentum coefficient in [0, 1) (group["momentum"], may be changed between steps).
-        nesterov: use the Nesterov form of the update.
-        ns_steps: number of Newton-Schulz iterations (>= 1).
+        nesterov: use the Nesterov form of the update (a bool).
+        ns_steps: number of Newton-Schulz iterations, in [1, 100].
         coefficients: Newton-Schulz coefficient set, passed to ``kernels.newton_schulz``.
         backend: kernel backend for ``kernels.newton_schulz`` (None: automatic).
     """
@@ -72,7 +121,7 @@ class Muon(torch.optim.Optimizer):
         coefficients="quintic",
         backend: str | None = None,
     ):
-        self._check_hyper(lr, momentum, ns_steps)
+        check_hyper(lr, momentum, nesterov, ns_steps)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -83,7 +132,7 @@ class Muon(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
-            self._check_hyper(group["lr"], group["momentum"], group["ns_steps"])
+            check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
             for p in group["params"]:
                 if p.dim() < 2:
                     raise ValueError(
@@ -93,15 +142,6 @@ class Muon(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise TypeError(f"params: expected floating-point parameters, found dtype {p.dtype}")
 
-    @staticmethod
-    def _check_hyper(lr, momentum, ns_steps):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0.0):
-            raise ValueError(f"lr: expected a finite number >= 0, got {lr!r}")
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum: expected a number in [0, 1), got {momentum!r}")
-        if not (isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and ns_steps >= 1):
-            raise ValueError(f"ns_steps: expected an int >= 1, got {ns_steps!r}")
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -109,41 +149,57 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Momentum per parameter, then one batched orthogonalisation per key, in first-seen order.
+        batches: dict[tuple, list] = {}
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            self._check_hyper(lr, momentum, group["ns_steps"])
-
-            # Group by (shape, device) in first-seen order so each group is one batched call.
-            by_shape: dict[tuple, list[torch.Tensor]] = {}
+            check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise TypeError("params: Muon does not support sparse gradients")
-                by_shape.setdefault((tuple(p.shape), p.device), []).append(p)
+                g = p.grad.float()  # a view of p.grad when it is fp32: never written below
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                u = momentum_update(g, buf, group["momentum"], group["nesterov"])
+                rows, cols = p.shape[-2:]
+                batches.setdefault(batch_key(group, rows, cols, p.device), []).append((p, group, u))
 
-            for (shape, _device), params in by_shape.items():
-                updates = []
-                for p in params:
-                    g = p.grad.float()  # a view of p.grad when it is fp32: never written below
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                    updates.append(momentum_update(g, buf, momentum, group["nesterov"]))
-
-                stack = torch.stack(updates).view(-1, shape[-2], shape[-1])  # [n·slices, rows, cols]
-                ortho, scale = orthogonal_step(stack, group)
-                for p, u in zip(params, ortho.view(len(params), *shape)):
-                    p.add_(u.to(p.dtype), alpha=scale)
+        for items in batches.values():
+            wide = [as_wide(u, *p.shape[-2:]) for p, _, u in items]
+            ortho = orthogonalize(torch.cat(wide), items[0][1])  # [Σ k, m, n]: one call
+            start = 0
+            for (p, group, _), w in zip(items, wide):
+                rows, cols = p.shape[-2:]
+                add_update(p, ortho[start: start + w.size(0)], rows, cols,
+                           -group["lr"] * update_scale(rows, cols))
+                start += w.size(0)
         return loss
 
     def load_state_dict(self, state_dict):
-        # torch casts floating-point state to each parameter's dtype on load; the
-        # momentum buffer must stay fp32 (a bf16 parameter would otherwise get a
-        # bf16 buffer and resume with a different trajectory).
+        # Checked before anything is loaded, so a bad checkpoint fails here (not at the next
+        # step) and leaves the optimizer as it was. torch casts floating-point state to each
+        # parameter's dtype on load; the momentum buffer must stay fp32 (a bf16 parameter
+        # would otherwise get a bf16 buffer and resume with a different trajectory).
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
+        if len(saved_groups) == len(self.param_groups):
+            for group, saved_group in zip(self.param_groups, saved_groups):
+                if len(group["params"]) != len(saved_group["params"]):
+                    break  # torch's own check names the mismatch
+                for p, idx in zip(group["params"], saved_group["params"]):
+                    buf = saved_state.get(idx, {}).get("momentum_buffer")
+                    if buf is None:
+                        continue
+                    if not isinstance(buf, torch.Tensor) or not buf.is_floating_point():
+                        raise TypeError(f"state_dict: momentum_buffer of parameter {idx} must be a floating-point "
+                                        f"tensor, got {type(buf).__name__}"
+                                        f"{' of dtype ' + str(buf.dtype) if isinstance(buf, torch.Tensor) else ''}")
+                    if tuple(buf.shape) != tuple(p.shape):
+                        raise ValueError(f"state_dict: momentum_buffer of parameter {idx} has shape "
+                                         f"{tuple(buf.shape)}, expected the parameter's {tuple(p.shape)}")
         super().load_state_dict(state_dict)
         for group, saved_group in zip(self.param_groups, saved_groups):
             for p, idx in zip(group["params"], saved_group["params"]):

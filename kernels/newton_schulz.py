@@ -6,7 +6,11 @@ G = U·S·Vᵀ) by the odd polynomial iteration
     A = X·Xᵀ;  B = b·A + c·A·A;  X = a·X + B·X
 
 in bf16 with fp32 accumulation. Wide matrices keep Xᵀ·X-free products small;
-tall ones (M > N) run on their transpose for the same reason.
+tall ones (M > N) run on their transpose for the same reason, so NS(Gᵀ) = NS(G)ᵀ.
+
+The norm never overflows: each matrix is first scaled by the power of two that
+brings its largest |g| into [0.5, 1) (exact), so any finite G is normalised
+correctly (a plain fp32 ‖G‖² overflows for ‖G‖ > 1.8e19 and gave all zeros).
 
 Order of this file: coefficients → reference → torch.library op → public function.
 """
@@ -32,14 +36,18 @@ POLAR_EXPRESS = (
 )
 POLAR_EXPRESS_NORM_SCALE = 1.02
 
+# Far beyond any useful count (the iteration converges in 5-10); a cap keeps a typo from
+# running for minutes or allocating gigabytes of coefficients.
+MAX_STEPS = 100
+
 
 def resolve_coefficients(coefficients, steps) -> tuple[list[tuple[float, float, float]], float]:
     """(per-step (a, b, c) list, norm scale) for a coefficients argument."""
     if isinstance(coefficients, str):
         if isinstance(steps, bool) or not isinstance(steps, int):
             raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
-        if steps < 1:
-            raise ValueError(f"steps: expected >= 1, got {steps}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps: expected an int in [1, {MAX_STEPS}], got {steps}")
         if coefficients == "quintic":
             return [QUINTIC] * steps, 1.0
         if coefficients == "polar_express":
@@ -51,6 +59,8 @@ def resolve_coefficients(coefficients, steps) -> tuple[list[tuple[float, float, 
     if not isinstance(coefficients, Sequence) or len(coefficients) == 0:
         raise ValueError(f"coefficients: expected a name or a non-empty sequence of (a, b, c) tuples, "
                          f"got {coefficients!r}")
+    if len(coefficients) > MAX_STEPS:
+        raise ValueError(f"coefficients: {len(coefficients)} steps given, at most {MAX_STEPS} are allowed")
     resolved = []
     for i, abc in enumerate(coefficients):
         if (not isinstance(abc, Sequence) or len(abc) != 3
@@ -61,12 +71,47 @@ def resolve_coefficients(coefficients, steps) -> tuple[list[tuple[float, float, 
 
 
 # ---------------------------------------------------------------------------
+# Normalisation without overflow
+# ---------------------------------------------------------------------------
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^e, exact, for integer e in dtype's normal exponent range (built from the exponent bits)."""
+    if dtype == torch.float64:
+        return ((e.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def unit_scale(G: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per matrix [..., 1, 1]: the power of two p with max |G·p| in [0.5, 1), in dtype.
+
+    p = 1 for a zero matrix and for one holding Inf or NaN (which must stay non-finite).
+    """
+    amax = G.abs().amax(dim=(-2, -1), keepdim=True).to(dtype)
+    limit = 1022 if dtype == torch.float64 else 126
+    e = torch.frexp(amax).exponent  # amax = mantissa·2^e, mantissa in [0.5, 1)
+    e = torch.where(torch.isfinite(amax), e, torch.zeros_like(e)).clamp(-limit, limit)
+    return _pow2(-e, dtype)
+
+
+def normalize(G: torch.Tensor, norm_scale: float, eps: float, dtype: torch.dtype = torch.float32):
+    """(X0, Gs, n, d, p): X0 = G / (norm_scale·‖G‖_F + eps) per matrix, computed in dtype as Gs / d.
+
+    Gs = G·p, n = ‖Gs‖_F, d = norm_scale·n + eps·p with the power of two p of ``unit_scale``:
+    the scaling is exact, and ‖Gs‖² <= numel cannot overflow.
+    """
+    p = unit_scale(G, dtype)
+    Gs = G.to(dtype) * p
+    n = torch.linalg.vector_norm(Gs, dim=(-2, -1), keepdim=True)
+    d = norm_scale * n + eps * p
+    return Gs / d, Gs, n, d, p
+
+
+# ---------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------
 
 def _iterate(G: torch.Tensor, coefficients, norm_scale: float, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(G.float(), dim=(-2, -1), keepdim=True)
-    X = (G.float() / (norm_scale * norm + eps)).to(dtype)
+    X = normalize(G, norm_scale, eps)[0].to(dtype)
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # [B, N, M]: the Gram matrix is then the smaller N x N
@@ -112,9 +157,8 @@ def _iteration_vjp(G: torch.Tensor, grad: torch.Tensor, coefficients, norm_scale
     tall = G.size(-2) > G.size(-1)
     if tall:
         G, grad = G.mT, grad.mT
-    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True)
-    denom = norm_scale * norm + eps
-    X = G / denom
+    # X0 = G / (s·‖G‖ + eps) = Gs / d with Gs = p·G, d = p·(s·‖G‖ + eps) (see normalize).
+    X, Gs, n, d, p = normalize(G, norm_scale, eps, G.dtype)
     saved = []
     for a, b, c in coefficients:
         A = X @ X.mT
@@ -126,8 +170,11 @@ def _iteration_vjp(G: torch.Tensor, grad: torch.Tensor, coefficients, norm_scale
         dB = dX @ X.mT
         dA = b * dB + c * (dB @ A + A @ dB)
         dX = a * dX + B.mT @ dX + (dA + dA.mT) @ X
-    # X0 = G / (s·‖G‖ + eps)
-    dG = dX / denom - (dX * G).sum(dim=(-2, -1), keepdim=True) * norm_scale / denom ** 2 * G / norm.clamp_min(1e-30)
+    # dL/dG = dX/(s‖G‖ + eps) - s·<dX, G>/(s‖G‖ + eps)²·G/‖G‖, rewritten in the scaled
+    # quantities (every factor O(1), nothing overflows): p·[dX/d - s·<dX, Gs>/d²·Gs/n].
+    tiny = torch.finfo(G.dtype).tiny
+    dot = (dX * Gs).sum(dim=(-2, -1), keepdim=True)
+    dG = p * (dX / d - dot * norm_scale / d ** 2 * Gs / n.clamp_min(tiny))
     return dG.mT if tall else dG
 
 

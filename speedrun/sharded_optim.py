@@ -6,16 +6,19 @@ bucket of parameters on every rank:
 
 - ``ShardedMuon``: a bucket is a bank of same-shape matrices padded to a
   multiple of the world size, so a rank's slice is whole matrices; the rank
-  keeps their fp32 momentum and orthogonalises them with one batched
-  ``kernels.newton_schulz`` call per bucket (the math of ``kernels.muon.Muon``).
+  keeps their fp32 momentum and orthogonalises its matrices of every bucket
+  that shares a canonical shape (``kernels.muon.batch_key``: tall matrices
+  enter transposed) with ONE batched ``kernels.newton_schulz`` call, padding
+  left out (the math of ``kernels.muon.Muon``).
 - ``ShardedAdam``: elementwise, so a rank's slice is any contiguous range; the
   rank keeps the moments of its slice only (the math of ``torch.optim.Adam``'s
   single-tensor path).
 
 ``step`` walks the buckets in launch order and waits for each reduce-scatter
 only when it reaches that bucket, so the first buckets' updates run while the
-last ones are still in flight; the gathers of one bucket overlap the update of
-the next. Padding (zero gradients, zero parameters) stays zero.
+last ones are still in flight (Muon: the shape whose last bucket completes
+first is orthogonalised first); the gathers of one bucket overlap the update
+of the next. Padding (zero gradients, zero parameters) stays zero.
 
 ``state_dict`` gathers the shards into the unsharded layout of the plain
 optimizers ({"state": {index: {...}}, "param_groups": [...]}), so a checkpoint
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.muon import Muon, momentum_update, orthogonal_step
+from kernels.muon import add_update, as_wide, batch_key, check_hyper, momentum_update, orthogonalize, update_scale
 from speedrun.grad_sync import GradSync, all_gather
 
 
@@ -126,6 +129,17 @@ class _Sharded(torch.optim.Optimizer):
             g.update({k: v for k, v in saved.items() if k != "params"})
         index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, entry in saved_state.items():  # checked before anything is loaded
+            for name in self._state_names():
+                if name == "step" or i >= len(params) or name not in entry:
+                    continue
+                t = entry[name]
+                if not isinstance(t, torch.Tensor):
+                    raise TypeError(f"state_dict: {name} of parameter {i} must be a tensor, got {type(t).__name__}")
+                if tuple(t.shape) != tuple(params[i].shape):
+                    raise ValueError(f"state_dict: {name} of parameter {i} has shape {tuple(t.shape)}, expected "
+                                     f"the parameter's {tuple(params[i].shape)}")
         self._shard_state = {}
         for bucket in self.grad_sync.buckets_of(self):
             if not any(index[p] in saved_state for p in bucket.params):
@@ -190,11 +204,12 @@ class ShardedMuon(_Sharded):
 
     def __init__(self, params, grad_sync: GradSync, lr: float, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, coefficients="quintic", backend: str | None = None):
-        Muon._check_hyper(lr, momentum, ns_steps)
+        check_hyper(lr, momentum, nesterov, ns_steps)
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, coefficients=coefficients,
                         backend=backend)
         super().__init__(params, defaults, grad_sync)
         for group in self.param_groups:
+            check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
             for p in group["params"]:
                 if p.dim() < 2:
                     raise ValueError(f"params: Muon takes parameters with >= 2 dims, found one of shape "
@@ -210,14 +225,54 @@ class ShardedMuon(_Sharded):
         rows, cols = bucket.params[0].shape[-2:]
         return flat.view(-1, rows, cols)
 
-    def _update(self, bucket, group, grad, param):
-        lr, momentum = group["lr"], group["momentum"]
-        Muon._check_hyper(lr, momentum, group["ns_steps"])
-        rows, cols = bucket.params[0].shape[-2:]
-        g = grad.view(-1, rows, cols).float()
-        state = self._shard_state.get(bucket.index)
-        if state is None:
-            state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
-        update = momentum_update(g, state["momentum_buffer"], momentum, group["nesterov"])
-        ortho, scale = orthogonal_step(update, group)
-        param.view(-1, rows, cols).add_(ortho.to(param.dtype), alpha=scale)
+    @staticmethod
+    def _real_units(bucket) -> int:
+        """Matrices of this rank's shard that hold parameters (the bucket's padding comes last)."""
+        units = sum(p.numel() for p in bucket.params) // bucket.unit
+        per_rank = bucket.shard_numel // bucket.unit
+        return max(0, min(per_rank, units - bucket.shard_start // bucket.unit))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Buckets of one batch key share one newton_schulz call. The buckets are walked in launch
+        # order, each waited for only when reached; a key is orthogonalised (and its buckets'
+        # gathers started) as soon as its last bucket has been reached.
+        buckets = self.grad_sync.buckets_of(self)
+        keys = [batch_key(self.param_groups[b.group], *b.params[0].shape[-2:], b.grad.device) for b in buckets]
+        last = {key: i for i, key in enumerate(keys)}
+        pending: dict[tuple, list] = {}
+        gathers = []
+        for i, (bucket, key) in enumerate(zip(buckets, keys)):
+            group = self.param_groups[bucket.group]
+            check_hyper(group["lr"], group["momentum"], group["nesterov"], group["ns_steps"])
+            rows, cols = bucket.params[0].shape[-2:]
+            g = self.grad_sync.wait(bucket).view(-1, rows, cols).float()
+            state = self._shard_state.get(bucket.index)
+            if state is None:
+                state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
+            update = momentum_update(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
+            real = self._real_units(bucket)
+            pending.setdefault(key, []).append((bucket, group, real, as_wide(update[:real], rows, cols)))
+            if last[key] != i:
+                continue
+            members = pending.pop(key)
+            wide = [w for *_, w in members]
+            ortho = orthogonalize(torch.cat(wide), members[0][1]) if sum(w.size(0) for w in wide) else None
+            start = 0
+            for member, group_m, real_m, _ in members:
+                rows_m, cols_m = member.params[0].shape[-2:]
+                param = self._param_shard(member)
+                if real_m:
+                    add_update(param.view(-1, rows_m, cols_m)[:real_m], ortho[start: start + real_m], rows_m,
+                               cols_m, -group_m["lr"] * update_scale(rows_m, cols_m))
+                start += real_m
+                gathers.append((member, *self._gather(member, param)))
+        for bucket, full, work in gathers:
+            if work is not None:
+                work.wait()
+            self._scatter_back(bucket, full)
+        return loss

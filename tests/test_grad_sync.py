@@ -17,7 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import kernels.muon as muon_mod
 from kernels.muon import Muon
+from oracles import PlainMuon
 from speedrun.grad_sync import GradSync
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
 
@@ -189,6 +191,82 @@ def test_buckets_respect_size_units_and_padding():
         assert b.unit == (1 if b.owner is not muon_opt else b.params[0].shape[-2] * b.params[0].shape[-1])
     w3 = next(b for b in sync.buckets if b.params[0] is model.w3)
     assert w3.unit == 35 and w3.numel == 4 * 35  # 3 matrices padded to 4: one per rank
+
+
+def _speedrun_like(d=8, layers=3, seed=0):
+    """The record's Muon matrices at model dim d: QKV [3, d, d], out proj [d, d], fc [4d, d] (tall), proj [d, 4d]."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [s for _ in range(layers) for s in ((3, d, d), (d, d), (4 * d, d), (d, 4 * d))]
+    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.3) for s in shapes]
+
+
+def _sharded_muon_steps(params, bucket_bytes, steps=2, seed=1):
+    sync = GradSync(bucket_bytes=bucket_bytes)
+    opt = ShardedMuon(params, sync, lr=0.05, momentum=0.9)
+    sync.build(params)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        sync.arm()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+            sync._fill(p)
+        sync.finish()
+        opt.step()
+    return opt, sync
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 1000, 1 << 20])
+def test_sharded_muon_matches_the_per_parameter_reference(bucket_bytes):
+    # After the regrouping (one call per canonical shape across buckets, fc transposed into the
+    # wide batch), every parameter's update is still the record's per-parameter rule.
+    params = _speedrun_like()
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ref = PlainMuon(plain, lr=0.05, momentum=0.9, nesterov=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for p in plain:
+            p.grad = torch.randn(p.shape, generator=g)
+        ref.step()
+    _sharded_muon_steps(params, bucket_bytes)
+    start = _speedrun_like()
+    for p, q, s0 in zip(params, plain, start):
+        d, d_ref = (p.detach() - s0.detach()), (q.detach() - s0.detach())
+        err = float((d - d_ref).norm() / d_ref.norm())
+        assert err < 2e-2, f"{tuple(p.shape)}: update differs from the per-parameter reference by {err:.3g}"
+
+
+def test_sharded_muon_one_call_per_shape_across_buckets(monkeypatch):
+    calls = []
+    real = muon_mod._newton_schulz
+    monkeypatch.setattr(muon_mod, "_newton_schulz",
+                        lambda G, *a: calls.append(tuple(G.shape)) or real(G, *a))
+    params = _speedrun_like()
+    opt, sync = _sharded_muon_steps(params, bucket_bytes=1, steps=1)  # one parameter per bucket
+    assert len(sync.buckets) == len(params)
+    assert sorted(calls) == [(6, 8, 32), (12, 8, 8)]  # 3·3 QKV + 3 out proj; 3 fc (transposed) + 3 proj
+
+
+def test_sharded_muon_leaves_padding_out_of_the_batch():
+    params = _speedrun_like(layers=1)
+    sync = GradSync(bucket_bytes=1 << 20)
+    opt = ShardedMuon(params, sync, lr=0.1)
+    sync.world_size, sync.rank = 4, 3  # layout only: no collective is issued
+    sync.build(params)
+    real = {tuple(b.params[0].shape[-2:]): opt._real_units(b) for b in sync.buckets}
+    # [8, 8] bank: 3 QKV slices + 1 out proj = 4 matrices, one per rank; [32, 8] and [8, 32]: 1 each,
+    # padded to 4, so rank 3 holds only padding there.
+    assert real == {(8, 8): 1, (32, 8): 0, (8, 32): 0}
+
+
+def test_sharded_muon_load_state_dict_checks_shapes():
+    params = _speedrun_like(layers=1)
+    opt, _ = _sharded_muon_steps(params, bucket_bytes=1 << 20, steps=1)
+    saved = opt.state_dict()
+    saved["state"][2]["momentum_buffer"] = saved["state"][2]["momentum_buffer"].mT.contiguous()  # fc [32, 8]
+    fresh, _ = _sharded_muon_steps(_speedrun_like(layers=1), bucket_bytes=1 << 20, steps=0)
+    with pytest.raises(ValueError, match=r"state_dict: momentum_buffer of parameter 2 has shape \(8, 32\), "
+                                         r"expected the parameter's \(32, 8\)"):
+        fresh.load_state_dict(saved)
 
 
 def test_second_backward_in_one_step_is_an_error():

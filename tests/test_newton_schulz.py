@@ -75,6 +75,41 @@ def test_gradient_is_the_fp32_iterations():
     assert rel_err(got, want) < 1e-4
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e30, 1e37, 1e-30, 1e-41])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_finite_scale_is_normalised(scale, dtype):
+    # ‖G‖² overflowed fp32 for ‖G‖ > 1.8e19 (all-zero output) and underflowed for tiny G.
+    G = torch.randn(2, 24, 40)
+    if dtype == torch.bfloat16 and scale < 1e-38:
+        scale = 1e-30  # bf16 keeps fp32's exponent range, but not its subnormals in every op
+    big = (G * scale).to(dtype)
+    assert torch.isfinite(big).all() and (big != 0).any()
+    out = newton_schulz(big, eps=0.0)
+    # the same (rounded) values brought back to unit scale in float64: only the normalisation differs
+    want = newton_schulz((big.double() / scale).float(), eps=0.0)
+    assert torch.isfinite(out.float()).all()
+    assert rel_err(out, want.double()) < 1e-2
+
+
+def test_huge_norm_gradient_is_finite_and_right():
+    G = torch.randn(2, 12, 20)
+    grad_out = torch.randn(2, 12, 20)
+    for scale in (1.0, 1e25):
+        Gs = (G * scale).requires_grad_(True)
+        (got,) = torch.autograd.grad(newton_schulz(Gs, steps=3, eps=0.0), Gs, grad_out)
+        G64 = (G.double() * scale).requires_grad_(True)
+        (want,) = torch.autograd.grad(f64_newton_schulz(G64, [QUINTIC] * 3, eps=0.0), G64, grad_out.double())
+        assert torch.isfinite(got).all() and rel_err(got, want) < 1e-4, scale
+
+
+def test_non_finite_input_gives_non_finite_output():
+    for bad in (float("nan"), float("inf")):
+        G = torch.randn(2, 16, 24)
+        G[1, 3, 5] = bad
+        out = newton_schulz(G)
+        assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).any()
+
+
 def test_zero_matrix_and_empty_batch():
     assert torch.equal(newton_schulz(torch.zeros(8, 8)), torch.zeros(8, 8))
     assert newton_schulz(torch.zeros(0, 8, 8)).shape == (0, 8, 8)
@@ -84,7 +119,10 @@ def test_zero_matrix_and_empty_batch():
     (dict(G=torch.randn(5)), ValueError, r"G: expected at least 2 dims, got shape \(5,\)"),
     (dict(G=torch.randn(4, 4, dtype=torch.float64)), TypeError, "G: dtype float64 is not supported"),
     (dict(G=torch.ones(4, 4, dtype=torch.int32)), TypeError, "G: dtype int32"),
-    (dict(steps=0), ValueError, "steps: expected >= 1, got 0"),
+    (dict(steps=0), ValueError, r"steps: expected an int in \[1, 100\], got 0"),
+    (dict(steps=101), ValueError, r"steps: expected an int in \[1, 100\], got 101"),
+    (dict(steps=10**8), ValueError, r"steps: expected an int in \[1, 100\], got 100000000"),
+    (dict(coefficients=[QUINTIC] * 101), ValueError, "coefficients: 101 steps given, at most 100 are allowed"),
     (dict(steps=2.0), TypeError, "steps: expected an int"),
     (dict(steps=6, coefficients="polar_express"), ValueError, "steps: 'polar_express' defines 5 steps"),
     (dict(coefficients="cubic"), ValueError, "coefficients: unknown name 'cubic'"),

@@ -1,5 +1,7 @@
 """relu2_mlp reference: float64 math, gradients, saved activations, bad input, opcheck."""
 
+import os
+
 import pytest
 import torch
 
@@ -63,12 +65,19 @@ def test_saves_one_hidden_activation():
     (dict(w_fc=torch.randn(32, 8).bfloat16()), TypeError, "w_fc: dtype torch.bfloat16 differs from x's torch.float32"),
     (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, "x: dtype int64 is not supported"),
     (dict(x=torch.randn(())), ValueError, "x: expected at least 1 dims"),
+    (dict(x=torch.randn(4, 0), w_fc=torch.randn(32, 0), w_proj=torch.randn(0, 32)), ValueError,
+     r"x: last dim D = 0 in shape \(4, 0\); expected D >= 1"),
+    (dict(w_fc=torch.randn(0, 8), w_proj=torch.randn(8, 0)), ValueError,
+     r"w_fc: H = 0 rows in shape \(0, 8\); expected a \[H, D\] weight with H >= 1"),
 ])
-def test_bad_input(change, exc, pattern):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input(change, exc, pattern, backend):
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton needs the interpreter or a GPU")
     args = dict(x=torch.randn(4, 8), w_fc=torch.randn(32, 8), w_proj=torch.randn(8, 32))
     args.update(change)
     with pytest.raises(exc, match=pattern):
-        relu2_mlp(**args)
+        relu2_mlp(**args, backend=backend)
 
 
 def test_empty_batch():
@@ -81,3 +90,35 @@ def test_empty_batch():
 def test_opcheck():
     x, w_fc, w_proj = make(9, 8, 24)
     torch.library.opcheck(_relu2_mlp_op, (x, w_fc, w_proj, "reference"))
+
+
+def test_opcheck_transposed_weights():
+    x, w_fc, w_proj = make(9, 8, 24)
+    w_fc_t = w_fc.detach().t().contiguous().t().requires_grad_(True)     # [H, D] view of a [D, H] buffer
+    w_proj_t = w_proj.detach().t().contiguous().t().requires_grad_(True)
+    torch.library.opcheck(_relu2_mlp_op, (x, w_fc_t, w_proj_t, "reference"))
+
+
+def test_fc_stored_wide_matches_the_record_layout():
+    # The same weights stored [H, D] (the record) or [D, H] and passed transposed: the same forward,
+    # and the same gradient (transposed), computed without copying the weight.
+    x, w_fc, w_proj = make(29, 24, 96, dtype=torch.float64)
+    fc_wide = w_fc.detach().t().contiguous().requires_grad_(True)  # [D, H]
+    dy = torch.randn(29, 24, dtype=torch.float64)
+    out_record = relu2_mlp(x, w_fc, w_proj)
+    out_wide = relu2_mlp(x, fc_wide.t(), w_proj)
+    torch.testing.assert_close(out_wide, out_record, rtol=1e-12, atol=1e-12)
+    g_record = torch.autograd.grad(out_record, (x, w_fc, w_proj), dy)
+    g_wide = torch.autograd.grad(out_wide, (x, fc_wide, w_proj), dy)
+    assert g_wide[1].shape == (24, 96) and g_wide[1].is_contiguous()  # in the parameter's layout, no copy
+    torch.testing.assert_close(g_wide[0], g_record[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_wide[1].t(), g_record[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_wide[2], g_record[2], rtol=1e-12, atol=1e-12)
+
+
+def test_non_finite_input_gives_non_finite_output():
+    x, w_fc, w_proj = make(6, 8, 32)
+    x = x.detach().clone()
+    x[2, 1] = float("nan")
+    out = relu2_mlp(x, w_fc, w_proj)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()

@@ -13,12 +13,12 @@ count that is a multiple of 8: padded columns stay zero through every step
 import torch
 
 from kernels.cuda_impl import ops
+from kernels.newton_schulz import normalize
 
 
 def forward(G: torch.Tensor, coefficients, norm_scale: float, eps: float) -> torch.Tensor:
     """G [B, M, N] (fp32 / bf16 / fp16, contiguous, CUDA) -> orthogonalised [B, M, N] in G.dtype."""
-    norm = torch.linalg.vector_norm(G.float(), dim=(-2, -1), keepdim=True)
-    X = (G.float() / (norm_scale * norm + eps)).to(torch.bfloat16)
+    X = normalize(G, norm_scale, eps)[0].to(torch.bfloat16)  # no overflow of ‖G‖², as in the reference
     tall = G.size(-2) > G.size(-1)
     if tall:
         X = X.mT  # [B, N, M]: the Gram matrix is the smaller N x N

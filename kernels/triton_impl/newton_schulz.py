@@ -1,47 +1,62 @@
-"""Triton backend of newton_schulz: batched, symmetric-aware Newton-Schulz.
+"""Triton backend of newton_schulz: batched, symmetric-aware, persistent Newton-Schulz.
 
-One step of the iteration, X [m, n] with m <= n, is three kernels:
+The iteration runs on wide matrices X [m, n], m <= n (a tall G is written transposed by the
+normalisation, and the last step writes straight into G's layout). Per step, three kernels:
 
     sym_xxt      A = X·Xᵀ              [m, m]  symmetric: only tiles on/above the diagonal are
-                                              computed; each is stored twice (tile and mirror)
-    sym_poly     S = b·A + c·A·A       [m, m]  A·A is symmetric too (A is), same trick; the
-                                              b·A axpy is fused into the epilogue
-    axpy_matmul  X' = a·X + S·X        [m, n]  plain tiled GEMM, the a·X axpy in the epilogue
+                                              computed; off-diagonal tiles are stored twice
+                                              (tile and mirror), diagonal tiles take their
+                                              upper triangle and mirror it, so A == Aᵀ bit for bit
+    sym_poly     S = b·A + c·A·A       [m, m]  A·A is symmetric too (A is), same tiles; the b·A
+                                              axpy is fused into the epilogue
+    axpy_matmul  X' = a·X + S·X        [m, n]  tiled GEMM, the a·X axpy in the epilogue (cuBLAS'
+                                              baddbmm would first copy X into its output)
 
-The two symmetric products are one kernel (`_sym_gram_kernel`): P·Rᵀ-style tiles
-where the right operand is addressed through its own strides, so X·Xᵀ reads X's
-rows as columns and A·A reads A[k, j] in place of A[j, k] (equal: A is symmetric),
-which keeps its loads coalesced. Only T·(T+1)/2 of the T² output tiles run.
+The two symmetric products are one kernel (`_sym_gram_kernel`): the right operand is
+addressed through its own strides, so X·Xᵀ reads X's rows as columns and A·A reads A[k, j]
+in place of A[j, k] (equal: A is symmetric), which keeps its loads coalesced. Both GEMM
+kernels share one masked K-loop (`_dot_k_loop`).
 
-Tall inputs (M > N) iterate on the transposed view Xᵀ [N, M] (the Gram matrix is
-then N x N): kernels take full strides, so the transpose is never materialised and
-the last step writes straight into the [B, M, N] output in G's dtype.
+Persistence and the wave tail: each kernel runs min(tiles, #SMs·CTAS_PER_SM) programs over
+the flattened (matrix, tile) space of the whole batch, so a batch is one launch per kernel
+and its tail is that of the whole batch, not of each matrix. With Muon grouping every matrix
+of one shape in the model into one call, the speedrun's two calls are, on 132 SMs with
+128x128 tiles (one program per SM):
+    44 x 768x768:   gram, poly 44·21 = 924 tiles = 7.00 waves, no tail
+                    axpy      44·36 = 1584 tiles = 12.00 waves, no tail
+    24 x 768x3072:  gram, poly 24·21 = 504 tiles = 3.82 waves (the 4th wave 82% busy: 95.5%)
+                    axpy      24·6·24 = 3456 tiles = 26.2 waves (97.0%); 128x256 tiles would
+                    give 1728 = 13.1 waves (93.5%)
+Grouped per parameter (33 QKV slices, 11 output projections, 12 fc, 12 proj, four launches
+each) the same gram work took 5.25 -> 6, 1.75 -> 2, 1.91 -> 2 and 1.91 -> 2 waves: 12 instead
+of 11, and the axpy 5 + 2 + 7 + 7 = 21 waves at 128x256 instead of 6 + 14 = 20.
 
-Operands are rounded to bf16, products accumulate in fp32, epilogues run in fp32
-and round once on store. Every batch offset and row offset is 64-bit, so a
-[24, 3072, 768] stack (or far larger) cannot overflow.
+Normalisation: X0 = G / (norm_scale·‖G‖_F + eps) without ever forming ‖G‖² in fp32 (it
+overflows for ‖G‖ > 1.8e19): one pass reduces each chunk of each matrix to (e, s), with 2^e
+the power of two bringing the chunk's max |g| into [0.5, 1) and s = Σ (g·2^-e)²; a second pass
+combines a matrix's chunks to ‖G·2^-E‖, then writes X0 = (g·2^-E) / (norm_scale·‖G·2^-E‖ +
+eps·2^-E) in bf16 (transposed for a tall G). Scaling by powers of two is exact, so this equals
+the plain formula wherever that one does not overflow.
 
-Launch parameters come from a per-shape table (gram_config, axpy_config: H100
-starting points, not yet measured) or, with $KERNELS_NS_AUTOTUNE=1 on a GPU, from
-timing a few candidates on the first call per shape. Under the Triton interpreter
-the kernels compute on bf16-rounded values held in fp32 (its bf16 dot is wrong and
-its bf16 casts truncate), so interpreter results match a GPU's up to summation order.
+Operands are rounded to bf16, products accumulate in fp32, epilogues run in fp32 and round
+once on store. Under the Triton interpreter the kernels compute on bf16-rounded values held in
+fp32 (its bf16 dot is wrong and its bf16 casts truncate), so interpreter results match a GPU's
+up to summation order.
 
-Order: kernels -> config table and tuner -> launchers (public: sym_xxt, sym_poly,
-axpy_matmul) -> forward (the backend entry point).
+Launch parameters come from the committed table (kernels/triton_impl/tuned_configs.py; keys
+"ns_gram", "ns_poly", "ns_axpy"), else from the heuristics below. An axpy entry with
+impl="cublas" runs torch.baddbmm instead, where a GPU measurement found it faster.
+
+Order: kernels -> configuration -> launchers (public: normalize, sym_xxt, sym_poly, axpy_matmul)
+-> forward (the backend entry point).
 """
-
-import contextlib
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
-import triton.runtime.errors
-import triton.testing
 
-from kernels.triton_impl._tiles import grouped_tile
+from kernels.triton_impl._tiles import grouped_tile, interpreting, num_sms, triangle, tuned_config, \
+    upper_triangle_tile
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -70,6 +85,107 @@ def _bf16_operand(t, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _pow2(e):
+    # 2^e in fp32, exact, for integer e in [-126, 127] (built from the exponent bits).
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exponent(m):
+    # e with m·2^-e in [0.5, 1) for a normal m >= 0, clamped to [-126, 126] (0, subnormals and
+    # huge or non-finite m land on the clamps, where the scaling still cannot overflow).
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 255) - 126
+    return tl.minimum(tl.maximum(e, -126), 126)
+
+
+@triton.jit
+def _sumsq_partials_kernel(
+    g_ptr,          # G [B, numel] contiguous per matrix (stride_gb between matrices)
+    part_e_ptr,     # [B, NUM_CHUNKS] int32: each chunk's scale exponent
+    part_s_ptr,     # [B, NUM_CHUNKS] fp32: Σ (g·2^-e)² over the chunk
+    numel, stride_gb, chunk,
+    NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    start = pid_c * chunk
+    run_e = -126
+    run_s = 0.0
+    # One pass: each block is scaled by its own power of two, then merged into the running
+    # (e, s); 4^(e_small - e_big) below 2^-126 flushes to 0 (a contribution < 2^-110 relative).
+    for off in range(start, tl.minimum(start + chunk, numel), BLOCK):
+        idx = off + offs
+        g = tl.load(g_ptr + pid_b * stride_gb + idx, mask=idx < numel, other=0.0).to(tl.float32)
+        e = _exponent(tl.max(tl.abs(g), axis=0))
+        gs = g * _pow2(-e)
+        s = tl.sum(gs * gs, axis=0)
+        hi = tl.maximum(e, run_e)
+        d_new = 2 * (e - hi)
+        d_run = 2 * (run_e - hi)
+        f_new = tl.where(d_new >= -126, _pow2(tl.maximum(d_new, -126)), 0.0)
+        f_run = tl.where(d_run >= -126, _pow2(tl.maximum(d_run, -126)), 0.0)
+        run_s = run_s * f_run + s * f_new
+        run_e = hi
+    tl.store(part_e_ptr + pid_b * NUM_CHUNKS + pid_c, run_e)
+    tl.store(part_s_ptr + pid_b * NUM_CHUNKS + pid_c, run_s)
+
+
+@triton.jit
+def _normalize_kernel(
+    g_ptr, stride_gb, stride_gm, stride_gn,   # G [B, M, N], any strides
+    x_ptr, stride_xb, stride_xm, stride_xn,   # X0 written at X[b, i, j] for G[b, i, j] (a transposed view for tall G)
+    part_e_ptr, part_s_ptr,                    # the partials of _sumsq_partials_kernel
+    M, N, norm_scale, eps,
+    NUM_CHUNKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    # The matrix's scale: E = max chunk exponent, S = Σ s·4^(e - E) = ‖G·2^-E‖².
+    chunks = tl.arange(0, NUM_CHUNKS)
+    e = tl.load(part_e_ptr + pid_b * NUM_CHUNKS + chunks)
+    s = tl.load(part_s_ptr + pid_b * NUM_CHUNKS + chunks)
+    big = tl.max(e, axis=0)
+    d = 2 * (e - big)
+    total = tl.sum(s * tl.where(d >= -126, _pow2(tl.maximum(d, -126)), 0.0), axis=0)
+    inv_scale = _pow2(-big)
+    denom = norm_scale * tl.sqrt(total) + eps * inv_scale
+
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    offs_m = ((pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = ((pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    g = tl.load(g_ptr + pid_b * stride_gb + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                mask=mask, other=0.0).to(tl.float32)
+    x = (g * inv_scale) / denom
+    if INTERPRET:
+        x = _round_bf16(x)
+    tl.store(x_ptr + pid_b * stride_xb + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+             x.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _dot_k_loop(acc, l_ptrs, r_ptrs, step_l, step_r, mask_l, mask_r, offs_k, k_len,
+                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):
+    # acc += L·R over k in [0, k_len): L tiles [BM, BLOCK_K] at l_ptrs, R tiles [BLOCK_K, BN] at
+    # r_ptrs, advanced by step_l / step_r per k-tile. mask_l / mask_r: valid rows of L / columns
+    # of R (ignored when EVEN, i.e. no ragged tile anywhere).
+    for kk in range(0, tl.cdiv(k_len, BLOCK_K)):
+        if EVEN:
+            lt = tl.load(l_ptrs)
+            rt = tl.load(r_ptrs)
+        else:
+            k_left = k_len - kk * BLOCK_K
+            lt = tl.load(l_ptrs, mask=mask_l[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            rt = tl.load(r_ptrs, mask=(offs_k[:, None] < k_left) & mask_r[None, :], other=0.0)
+        acc = tl.dot(_bf16_operand(lt, INTERPRET), _bf16_operand(rt, INTERPRET), acc)
+        l_ptrs += step_l
+        r_ptrs += step_r
+    return acc
+
+
+@triton.jit
 def _sym_gram_kernel(
     # left operand L[i, kk] = P[i, kk] and right operand R[kk, j], both read from P
     p_ptr,
@@ -80,73 +196,64 @@ def _sym_gram_kernel(
     # output [m, m], symmetric
     out_ptr, stride_ob, stride_om, stride_on,
     # sizes and epilogue scalars
-    m, k, alpha, beta,
+    batch, m, k, alpha, beta,
     # compile-time
     HAS_ADD: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,       # m % BLOCK == 0 and k % BLOCK_K == 0: no masks anywhere
+    NUM_PROGRAMS: tl.constexpr,
     INTERPRET: tl.constexpr,  # running in the Triton interpreter (see _bf16_operand)
     ROUND_OUT: tl.constexpr,  # interpreter and a bf16 output: round to nearest-even before the store
 ):
-    # Program p -> lower-triangle tile (row r, col c <= r) in row-major order; it
-    # computes output tile (c, r), on or above the diagonal. fp32 sqrt is exact
-    # enough for p < 2^22; the two corrections absorb its last-bit rounding.
     pid = tl.program_id(0)
-    r = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
-    r = tl.where(r * (r + 1) // 2 > pid, r - 1, r)
-    r = tl.where((r + 1) * (r + 2) // 2 <= pid, r + 1, r)
-    tile_i = pid - r * (r + 1) // 2
-    tile_j = r
-    pid_b = tl.program_id(1).to(tl.int64)
-
-    offs_i = tile_i * BLOCK + tl.arange(0, BLOCK)
-    offs_j = tile_j * BLOCK + tl.arange(0, BLOCK)
+    side = tl.cdiv(m, BLOCK)
+    per_matrix = side * (side + 1) // 2
+    offs = tl.arange(0, BLOCK)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_i64 = offs_i.to(tl.int64)
-    offs_j64 = offs_j.to(tl.int64)
+    for tile in tl.range(pid, batch * per_matrix, NUM_PROGRAMS):
+        pid_b = (tile // per_matrix).to(tl.int64)
+        tile_i, tile_j = upper_triangle_tile(tile % per_matrix)
+        offs_i = tile_i * BLOCK + offs
+        offs_j = tile_j * BLOCK + offs
+        mask_i = offs_i < m
+        mask_j = offs_j < m
+        offs_i64 = offs_i.to(tl.int64)
+        offs_j64 = offs_j.to(tl.int64)
 
-    p_base = p_ptr + pid_b * stride_pb
-    l_ptrs = p_base + offs_i64[:, None] * stride_pm + offs_k[None, :] * stride_pk
-    r_ptrs = p_base + offs_k[:, None] * stride_rk + offs_j64[None, :] * stride_rn
+        p_base = p_ptr + pid_b * stride_pb
+        l_ptrs = p_base + offs_i64[:, None] * stride_pm + offs_k[None, :] * stride_pk
+        r_ptrs = p_base + offs_k[:, None] * stride_rk + offs_j64[None, :] * stride_rn
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        acc = _dot_k_loop(acc, l_ptrs, r_ptrs, BLOCK_K * stride_pk, BLOCK_K * stride_rk, mask_i, mask_j,
+                          offs_k, k, BLOCK_K, EVEN, INTERPRET)
 
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(k, BLOCK_K)):
+        if HAS_ADD:
+            q_ptrs = q_ptr + pid_b * stride_qb + offs_i64[:, None] * stride_qm + offs_j64[None, :] * stride_qn
+            if EVEN:
+                q = tl.load(q_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=mask_i[:, None] & mask_j[None, :], other=0.0)
+            acc = alpha * acc + beta * q.to(tl.float32)
+        # One rounding for both copies of a tile.
+        if ROUND_OUT:
+            acc = _round_bf16(acc)
+        out_tile = acc.to(out_ptr.dtype.element_ty)
+        if tile_i == tile_j:
+            # Exact symmetry by construction: the rounded upper triangle, mirrored.
+            out_tile = tl.where(offs_i[:, None] <= offs_j[None, :], out_tile, tl.trans(out_tile))
+        o_base = out_ptr + pid_b * stride_ob
+        o_ptrs = o_base + offs_i64[:, None] * stride_om + offs_j64[None, :] * stride_on
         if EVEN:
-            lt = tl.load(l_ptrs)
-            rt = tl.load(r_ptrs)
+            tl.store(o_ptrs, out_tile)
         else:
-            k_left = k - kk * BLOCK_K
-            lt = tl.load(l_ptrs, mask=(offs_i[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-            rt = tl.load(r_ptrs, mask=(offs_k[:, None] < k_left) & (offs_j[None, :] < m), other=0.0)
-        acc = tl.dot(_bf16_operand(lt, INTERPRET), _bf16_operand(rt, INTERPRET), acc)
-        l_ptrs += BLOCK_K * stride_pk
-        r_ptrs += BLOCK_K * stride_rk
-
-    if HAS_ADD:
-        q_ptrs = q_ptr + pid_b * stride_qb + offs_i64[:, None] * stride_qm + offs_j64[None, :] * stride_qn
-        if EVEN:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=(offs_i[:, None] < m) & (offs_j[None, :] < m), other=0.0)
-        acc = alpha * acc + beta * q.to(tl.float32)
-
-    # One rounding for both copies: the stored matrix is exactly symmetric.
-    if ROUND_OUT:
-        acc = _round_bf16(acc)
-    tile = acc.to(out_ptr.dtype.element_ty)
-    o_base = out_ptr + pid_b * stride_ob
-    o_ptrs = o_base + offs_i64[:, None] * stride_om + offs_j64[None, :] * stride_on
-    if EVEN:
-        tl.store(o_ptrs, tile)
-    else:
-        tl.store(o_ptrs, tile, mask=(offs_i[:, None] < m) & (offs_j[None, :] < m))
-    if tile_i != tile_j:
-        # Mirror: transpose in registers so the store stays row-contiguous.
-        t_ptrs = o_base + offs_j64[:, None] * stride_om + offs_i64[None, :] * stride_on
-        if EVEN:
-            tl.store(t_ptrs, tl.trans(tile))
-        else:
-            tl.store(t_ptrs, tl.trans(tile), mask=(offs_j[:, None] < m) & (offs_i[None, :] < m))
+            tl.store(o_ptrs, out_tile, mask=mask_i[:, None] & mask_j[None, :])
+        if tile_i != tile_j:
+            # Mirror: transpose in registers so the store stays row-contiguous.
+            t_ptrs = o_base + offs_j64[:, None] * stride_om + offs_i64[None, :] * stride_on
+            if EVEN:
+                tl.store(t_ptrs, tl.trans(out_tile))
+            else:
+                tl.store(t_ptrs, tl.trans(out_tile), mask=mask_j[:, None] & mask_i[None, :])
 
 
 @triton.jit
@@ -157,183 +264,116 @@ def _axpy_matmul_kernel(
     x_ptr, stride_xb, stride_xm, stride_xn,
     # out [m, n] = S·X + alpha·X; any dtype and strides (the last step writes G's layout)
     out_ptr, stride_ob, stride_om, stride_on,
-    m, n, alpha,
+    batch, m, n, alpha,
     # compile-time
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN: tl.constexpr,       # m % BLOCK_M == m % BLOCK_K == n % BLOCK_N == 0: no masks anywhere
+    NUM_PROGRAMS: tl.constexpr,
     INTERPRET: tl.constexpr,  # see _sym_gram_kernel
     ROUND_OUT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
     num_pid_m = tl.cdiv(m, BLOCK_M)
     num_pid_n = tl.cdiv(n, BLOCK_N)
-    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_matrix = num_pid_m * num_pid_n
     offs_k = tl.arange(0, BLOCK_K)
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
+    for tile in tl.range(pid, batch * per_matrix, NUM_PROGRAMS):
+        pid_b = (tile // per_matrix).to(tl.int64)
+        pid_m, pid_n = grouped_tile(tile % per_matrix, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < m
+        mask_n = offs_n < n
+        offs_m64 = offs_m.to(tl.int64)
+        offs_n64 = offs_n.to(tl.int64)
 
-    s_ptrs = s_ptr + pid_b * stride_sb + offs_m64[:, None] * stride_sm + offs_k[None, :] * stride_sk
-    x_base = x_ptr + pid_b * stride_xb
-    x_ptrs = x_base + offs_k[:, None] * stride_xm + offs_n64[None, :] * stride_xn
+        s_ptrs = s_ptr + pid_b * stride_sb + offs_m64[:, None] * stride_sm + offs_k[None, :] * stride_sk
+        x_base = x_ptr + pid_b * stride_xb
+        x_ptrs = x_base + offs_k[:, None] * stride_xm + offs_n64[None, :] * stride_xn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _dot_k_loop(acc, s_ptrs, x_ptrs, BLOCK_K * stride_sk, BLOCK_K * stride_xm, mask_m, mask_n,
+                          offs_k, m, BLOCK_K, EVEN, INTERPRET)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(0, tl.cdiv(m, BLOCK_K)):
+        x_ij = x_base + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn
+        o_ptrs = out_ptr + pid_b * stride_ob + offs_m64[:, None] * stride_om + offs_n64[None, :] * stride_on
+        mask = mask_m[:, None] & mask_n[None, :]
         if EVEN:
-            st = tl.load(s_ptrs)
-            xt = tl.load(x_ptrs)
+            x_tile = tl.load(x_ij)
         else:
-            k_left = m - kk * BLOCK_K
-            st = tl.load(s_ptrs, mask=(offs_m[:, None] < m) & (offs_k[None, :] < k_left), other=0.0)
-            xt = tl.load(x_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < n), other=0.0)
-        acc = tl.dot(_bf16_operand(st, INTERPRET), _bf16_operand(xt, INTERPRET), acc)
-        s_ptrs += BLOCK_K * stride_sk
-        x_ptrs += BLOCK_K * stride_xm
-
-    x_ij = x_base + offs_m64[:, None] * stride_xm + offs_n64[None, :] * stride_xn
-    o_ptrs = out_ptr + pid_b * stride_ob + offs_m64[:, None] * stride_om + offs_n64[None, :] * stride_on
-    if EVEN:
-        x_tile = tl.load(x_ij)
-    else:
-        mask = (offs_m[:, None] < m) & (offs_n[None, :] < n)
-        x_tile = tl.load(x_ij, mask=mask, other=0.0)
-    # The addend is the bf16 X the product used, as in the bf16 reference.
-    acc += alpha * _bf16_operand(x_tile, INTERPRET).to(tl.float32)
-    if ROUND_OUT:
-        acc = _round_bf16(acc)
-    if EVEN:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            x_tile = tl.load(x_ij, mask=mask, other=0.0)
+        # The addend is the bf16 X the product used, as in the bf16 reference.
+        acc += alpha * _bf16_operand(x_tile, INTERPRET).to(tl.float32)
+        if ROUND_OUT:
+            acc = _round_bf16(acc)
+        if EVEN:
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------
-# Launch configuration
+# Configuration
 # ---------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+GRAM_KEYS = ("BLOCK", "BLOCK_K")
+AXPY_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+
+# Interpreter: small tiles, so small odd test shapes get several tiles (off-diagonal, diagonal
+# and ragged ones), and 3 programs, so the persistent loop gives each program several tiles.
+_INTERPRET_GRAM = dict(BLOCK=32, BLOCK_K=32, num_warps=4, num_stages=1, PROGRAMS=3)
+_INTERPRET_AXPY = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, PROGRAMS=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def gram_key(kind: str, batch: int, m: int, k: int) -> str:
+    return f"b{batch}/m{m}/k{k}" if kind == "ns_gram" else f"b{batch}/m{m}"
 
 
-def _num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
+def axpy_key(batch: int, m: int, n: int) -> str:
+    return f"b{batch}/m{m}/n{n}"
 
 
-def _tri(t: int) -> int:
-    return t * (t + 1) // 2
-
-
-def gram_config(batch: int, m: int, k: int, device: torch.device) -> dict:
+def gram_config(batch: int, m: int, k: int, device: torch.device, kind: str = "ns_gram",
+                sms: int | None = None) -> dict:
     """Launch parameters of the symmetric kernel for a [batch, m, k] -> [batch, m, m] product.
 
-    The tile must be square (mirrored stores). 128x128 tiles (8 warps, 4 stages
-    of 2x128x64 bf16 = 128 KiB shared memory) when they fill the GPU; otherwise
-    64x64 so small batches of 768x768 still occupy every SM. These are starting
-    points for an H100, not tuned values.
+    The committed table's entry when there is one; else 128x128 tiles (8 warps, 4 stages of
+    2x128x64 bf16 = 128 KiB shared memory, one program per SM) when the batch has at least a
+    wave of them, 64x64 (two programs per SM) otherwise, so small batches still fill the GPU.
+    kind: "ns_gram" (X·Xᵀ) or "ns_poly" (b·A + c·A·A). sms: the SM count (default: the device's;
+    given, a GPU configuration is returned for any device, as the sm_90a compile check needs).
     """
-    if device.type != "cuda":
-        # Interpreter: small tiles, so small odd test shapes get several tiles, off-diagonal and ragged ones.
-        return dict(BLOCK=32, BLOCK_K=32, num_warps=4, num_stages=1)
-    if batch * _tri(triton.cdiv(m, 128)) >= _num_sms(device):
-        return dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4)
-    return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    if device.type != "cuda" and sms is None:
+        return dict(_INTERPRET_GRAM)
+    cfg = tuned_config(kind, gram_key(kind, batch, m, k))
+    if cfg is not None:
+        return cfg
+    if batch * triangle(triton.cdiv(m, 128)) >= (sms or num_sms(device)):
+        return dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4, CTAS_PER_SM=1)
+    return dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=4, CTAS_PER_SM=2)
 
 
-def axpy_config(batch: int, m: int, n: int, device: torch.device) -> dict:
-    """Launch parameters of the axpy GEMM [batch, m, m] x [batch, m, n] (H100 starting points)."""
-    if device.type != "cuda":
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
-    sms = _num_sms(device)
-    if batch * triton.cdiv(m, 128) * triton.cdiv(n, 256) >= sms:
-        return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+def axpy_config(batch: int, m: int, n: int, device: torch.device, sms: int | None = None) -> dict:
+    """Launch parameters of the axpy GEMM [batch, m, m] x [batch, m, n] (table, else H100 starting points)."""
+    if device.type != "cuda" and sms is None:
+        return dict(_INTERPRET_AXPY)
+    cfg = tuned_config("ns_axpy", axpy_key(batch, m, n))
+    if cfg is not None:
+        return cfg
+    sms = sms or num_sms(device)
     if batch * triton.cdiv(m, 128) * triton.cdiv(n, 128) >= sms:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-
-
-# Opt-in per-shape tuning ($KERNELS_NS_AUTOTUNE=1, CUDA only): the first call for a
-# (batch, m, n, layout, device) times these candidates on its own inputs and keeps
-# the fastest of each kernel for the rest of the process. Not inside CUDA-graph
-# capture: tune with one eager call first. Off, the table above is used.
-AUTOTUNE_ENV = "KERNELS_NS_AUTOTUNE"
-GRAM_CANDIDATES = (
-    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=4),
-    dict(BLOCK=128, BLOCK_K=64, num_warps=8, num_stages=3),
-    dict(BLOCK=128, BLOCK_K=32, num_warps=8, num_stages=5),
-    dict(BLOCK=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    dict(BLOCK=64, BLOCK_K=128, num_warps=4, num_stages=3),
-)
-AXPY_CANDIDATES = (
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-)
-_TUNED: dict[tuple, tuple[dict, dict, dict]] = {}
-
-
-def tuned_configs() -> dict:
-    """{(batch, m, n, x strides, device): (gram, poly, axpy) configs} chosen so far by the tuner."""
-    return dict(_TUNED)
-
-
-def _tuning_enabled(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(AUTOTUNE_ENV) == "1"
-
-
-def _bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=25)
-
-
-def _fastest(candidates, launch) -> dict:
-    best, best_ms = None, float("inf")
-    for config in candidates:
-        try:
-            ms = _bench(lambda: launch(config))
-        except triton.runtime.errors.OutOfResources:
-            continue  # too much shared memory / registers on this GPU
-        if ms < best_ms:
-            best, best_ms = config, ms
-    if best is None:
-        raise RuntimeError("newton_schulz tuning: no candidate config fits this GPU")
-    return best
-
-
-def _step_configs(x, A, S, scratch) -> tuple[dict, dict, dict]:
-    # Configs for one step on x [B, m, n]; A, S, scratch are outputs the step overwrites anyway.
-    batch, m, n = x.shape
-    device = x.device
-    if not _tuning_enabled(device):
-        return gram_config(batch, m, n, device), gram_config(batch, m, m, device), axpy_config(batch, m, n, device)
-    key = (batch, m, n, tuple(x.stride()), str(device))
-    if key not in _TUNED:
-        # In launch order, so each kernel is timed on the data the previous one wrote.
-        gram = _fastest(GRAM_CANDIDATES, lambda cfg: _launch_gram(x, (x.stride(2), x.stride(1)), A, cfg))
-        _launch_gram(x, (x.stride(2), x.stride(1)), A, gram)
-        poly = _fastest(GRAM_CANDIDATES, lambda cfg: _launch_gram(A, (A.stride(1), A.stride(2)), S, cfg, Q=A))
-        _launch_gram(A, (A.stride(1), A.stride(2)), S, poly, Q=A)
-        axpy = _fastest(AXPY_CANDIDATES, lambda cfg: _launch_axpy(S, x, scratch, 1.0, cfg))
-        _TUNED[key] = (gram, poly, axpy)
-    return _TUNED[key]
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4, CTAS_PER_SM=1)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, CTAS_PER_SM=2)
 
 
 def _check_config(name: str, config: dict, required: tuple[str, ...]) -> dict:
     if not isinstance(config, dict):
         raise TypeError(f"{name}: expected a dict, got {type(config).__name__}")
+    if config.get("impl") == "cublas":
+        return config
     missing = [key for key in required if key not in config]
     if missing:
         raise ValueError(f"{name}: missing keys {missing}; expected {list(required)} "
-                         "(num_warps and num_stages optional)")
+                         "(num_warps, num_stages, CTAS_PER_SM, PROGRAMS optional)")
     for key in required:
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key.startswith("BLOCK") and v & (v - 1)):
@@ -341,59 +381,106 @@ def _check_config(name: str, config: dict, required: tuple[str, ...]) -> dict:
     return config
 
 
+def _programs(tiles: int, config: dict, device: torch.device) -> int:
+    # Persistent grid: PROGRAMS when given, else CTAS_PER_SM per SM (3 under the interpreter).
+    if config.get("PROGRAMS"):
+        return max(1, min(tiles, int(config["PROGRAMS"])))
+    if device.type != "cuda":
+        return max(1, min(tiles, _INTERPRET_GRAM["PROGRAMS"]))
+    return max(1, min(tiles, num_sms(device) * int(config.get("CTAS_PER_SM", 1))))
+
+
 # ---------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------
 
-# The batch is grid dim 1, which CUDA caps at 65535.
-_MAX_GRID_BATCH = 65535
+def gram_args(P, R_strides, out, config, Q=None, alpha=1.0, beta=0.0):
+    """(grid, args, meta) of the symmetric product out = alpha·(L·R) + beta·Q (Q None: out = L·R).
+
+    P [B, m, k] (any strides) holds L = P and R (R_strides: its strides along k and along j).
+    """
+    batch, m, k = P.shape
+    block, block_k = config["BLOCK"], config["BLOCK_K"]
+    programs = _programs(batch * triangle(triton.cdiv(m, block)), config, P.device)
+    q = Q if Q is not None else out  # unread when HAS_ADD is False
+    args = (P, P.stride(0), P.stride(1), P.stride(2), R_strides[0], R_strides[1],
+            q, q.stride(0), q.stride(1), q.stride(2),
+            out, out.stride(0), out.stride(1), out.stride(2),
+            batch, m, k, float(alpha), float(beta))
+    meta = dict(HAS_ADD=Q is not None, BLOCK=block, BLOCK_K=block_k,
+                EVEN=(m % block == 0) and (k % block_k == 0), NUM_PROGRAMS=programs,
+                INTERPRET=interpreting(), ROUND_OUT=interpreting() and out.dtype == torch.bfloat16,
+                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    return (programs,), args, meta
 
 
 def _launch_gram(P, R_strides, out, config, Q=None, alpha=1.0, beta=0.0):
-    # P [B, m, k] (any strides); R_strides = (stride along k, stride along j) of the right operand in P.
-    batch, m, k = P.shape
-    if batch > _MAX_GRID_BATCH:
-        for s in range(0, batch, _MAX_GRID_BATCH):
-            e = min(batch, s + _MAX_GRID_BATCH)
-            _launch_gram(P[s:e], R_strides, out[s:e], config, None if Q is None else Q[s:e], alpha, beta)
-        return out
-    block, block_k = config["BLOCK"], config["BLOCK_K"]
-    grid = (_tri(triton.cdiv(m, block)), batch)
-    q = Q if Q is not None else out  # unread when HAS_ADD is False
-    _sym_gram_kernel[grid](
-        P, P.stride(0), P.stride(1), P.stride(2), R_strides[0], R_strides[1],
-        q, q.stride(0), q.stride(1), q.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        m, k, float(alpha), float(beta),
-        HAS_ADD=Q is not None,
-        BLOCK=block, BLOCK_K=block_k,
-        EVEN=(m % block == 0) and (k % block_k == 0),
-        INTERPRET=_interpreting(), ROUND_OUT=_interpreting() and out.dtype == torch.bfloat16,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
-    )
+    grid, args, meta = gram_args(P, R_strides, out, config, Q, alpha, beta)
+    _sym_gram_kernel[grid](*args, **meta)
     return out
+
+
+def axpy_args(S, X, out, alpha, config):
+    """(grid, args, meta) of out = S·X + alpha·X (S [B, m, m], X [B, m, n], any strides)."""
+    batch, m, n = X.shape
+    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    programs = _programs(batch * triton.cdiv(m, bm) * triton.cdiv(n, bn), config, X.device)
+    args = (S, S.stride(0), S.stride(1), S.stride(2),
+            X, X.stride(0), X.stride(1), X.stride(2),
+            out, out.stride(0), out.stride(1), out.stride(2),
+            batch, m, n, float(alpha))
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["GROUP_M"],
+                EVEN=(m % bm == 0) and (m % bk == 0) and (n % bn == 0), NUM_PROGRAMS=programs,
+                INTERPRET=interpreting(), ROUND_OUT=interpreting() and out.dtype == torch.bfloat16,
+                num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3))
+    return (programs,), args, meta
 
 
 def _launch_axpy(S, X, out, alpha, config):
-    batch, m, n = X.shape
-    if batch > _MAX_GRID_BATCH:
-        for s in range(0, batch, _MAX_GRID_BATCH):
-            e = min(batch, s + _MAX_GRID_BATCH)
-            _launch_axpy(S[s:e], X[s:e], out[s:e], alpha, config)
-        return out
-    bm, bn, bk = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), batch)
-    _axpy_matmul_kernel[grid](
-        S, S.stride(0), S.stride(1), S.stride(2),
-        X, X.stride(0), X.stride(1), X.stride(2),
-        out, out.stride(0), out.stride(1), out.stride(2),
-        m, n, float(alpha),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config["GROUP_M"],
-        EVEN=(m % bm == 0) and (m % bk == 0) and (n % bn == 0),
-        INTERPRET=_interpreting(), ROUND_OUT=_interpreting() and out.dtype == torch.bfloat16,
-        num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
-    )
+    if config.get("impl") == "cublas":
+        return out.copy_(torch.baddbmm(X, S, X, beta=alpha))
+    grid, args, meta = axpy_args(S, X, out, alpha, config)
+    _axpy_matmul_kernel[grid](*args, **meta)
     return out
+
+
+# Normalisation passes (memory-bound): 4096 elements per iteration and program in the first
+# (16 per thread: two block reductions per 16 KiB of fp32 keep the loads streaming), 64x64
+# tiles in the second (a tall G's transposed store goes through shared memory).
+_NORM_BLOCK = 4096
+_NORM_TILE = 64
+
+
+def normalize_args(G, X, norm_scale, eps, sms=None):
+    """[(kernel, grid, args, meta)] of the two normalisation passes, G [B, M, N] contiguous -> X (any strides).
+
+    The partials buffers are allocated here; sms: the SM count the chunking aims at (default: the device's).
+    """
+    batch, M, N = G.shape
+    numel = M * N
+    blocks = triton.cdiv(numel, _NORM_BLOCK)
+    # Enough chunks for ~4 programs per SM over the batch; a power of two (the combine is one vector).
+    sms = sms or (num_sms(G.device) if G.device.type == "cuda" else 2)
+    num_chunks = min(triton.next_power_of_2(max(1, triton.cdiv(4 * sms, batch))), triton.next_power_of_2(blocks))
+    chunk = triton.cdiv(blocks, num_chunks) * _NORM_BLOCK
+    part_e = torch.full((batch, num_chunks), -126, dtype=torch.int32, device=G.device)  # empty chunk: neutral
+    part_s = torch.zeros((batch, num_chunks), dtype=torch.float32, device=G.device)
+    partials = (_sumsq_partials_kernel, (triton.cdiv(numel, chunk), batch),
+                (G, part_e, part_s, numel, G.stride(0), chunk),
+                dict(NUM_CHUNKS=num_chunks, BLOCK=_NORM_BLOCK, num_warps=8))
+    scale = (_normalize_kernel, (triton.cdiv(M, _NORM_TILE) * triton.cdiv(N, _NORM_TILE), batch),
+             (G, G.stride(0), G.stride(1), G.stride(2), X, X.stride(0), X.stride(1), X.stride(2),
+              part_e, part_s, M, N, float(norm_scale), float(eps)),
+             dict(NUM_CHUNKS=num_chunks, BLOCK_M=_NORM_TILE, BLOCK_N=_NORM_TILE, INTERPRET=interpreting(),
+                  num_warps=4))
+    return [partials, scale]
+
+
+def _launch_normalize(G, X, norm_scale, eps):
+    # G [B, M, N] contiguous -> X[b, i, j] = G[b, i, j] / (norm_scale·‖G[b]‖ + eps) in bf16 (X: any strides).
+    for kernel, grid, args, meta in normalize_args(G, X, norm_scale, eps):
+        kernel[grid](*args, **meta)
+    return X
 
 
 def _as_batch(name: str, t, ndims=(2, 3)) -> torch.Tensor:
@@ -435,17 +522,33 @@ def _check_device(**tensors) -> torch.device:
     for name, t in rest:
         if t.device != first.device:
             raise ValueError(f"{name}: on {t.device}, but {first_name} is on {first.device}")
-    if first.device.type == "cpu" and not _interpreting():
+    if first.device.type == "cpu" and not interpreting():
         raise RuntimeError("triton kernels on CPU tensors need TRITON_INTERPRET=1 set before importing kernels")
     return first.device
 
 
+def normalize(G: torch.Tensor, norm_scale: float = 1.0, eps: float = 1e-7, out: torch.Tensor | None = None):
+    """X0 = G / (norm_scale·‖G‖_F + eps) per matrix, in bf16, for any finite G (no overflow of ‖G‖²).
+
+    G: [B, M, N] or [M, N], bf16/fp16/fp32. out: optional bf16 tensor of G's shape, any strides.
+    """
+    squeeze = isinstance(G, torch.Tensor) and G.dim() == 2
+    G3 = _as_batch("G", G)
+    device = _check_device(G=G3)
+    out3 = _check_out(out, tuple(G3.shape), device, squeeze)
+    if out3.numel() > 0:
+        _check_not_aliased(out3, out, G3, "G")
+        _launch_normalize(G3.contiguous(), out3, _check_scalar("norm_scale", norm_scale), _check_scalar("eps", eps))
+    return out3[0] if squeeze else out3
+
+
 def sym_xxt(X: torch.Tensor, out: torch.Tensor | None = None, *, config: dict | None = None) -> torch.Tensor:
-    """A = X·Xᵀ per matrix, computing only tiles on/above the diagonal.
+    """A = X·Xᵀ per matrix, computing only tiles on/above the diagonal; A == Aᵀ exactly.
 
     X: [B, m, k] or [m, k], bf16/fp16/fp32, any strides (rounded to bf16 on load).
     out: optional [B, m, m] (or [m, m]) of any float dtype and strides; default a new bf16 tensor.
-    config: optional launch parameters overriding ``gram_config`` (BLOCK, BLOCK_K, num_warps, num_stages).
+    config: optional launch parameters overriding ``gram_config`` (BLOCK, BLOCK_K, num_warps, num_stages,
+    CTAS_PER_SM or PROGRAMS).
     """
     squeeze = isinstance(X, torch.Tensor) and X.dim() == 2
     X3 = _as_batch("X", X)
@@ -455,7 +558,7 @@ def sym_xxt(X: torch.Tensor, out: torch.Tensor | None = None, *, config: dict | 
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
     _check_not_aliased(out3, out, X3, "X")
-    config = _check_config("config", config, ("BLOCK", "BLOCK_K")) if config else gram_config(batch, m, k, device)
+    config = _check_config("config", config, GRAM_KEYS) if config else gram_config(batch, m, k, device)
     _launch_gram(X3, (X3.stride(2), X3.stride(1)), out3, config)
     return out3[0] if squeeze else out3
 
@@ -478,7 +581,8 @@ def sym_poly(A: torch.Tensor, b: float, c: float, out: torch.Tensor | None = Non
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
     _check_not_aliased(out3, out, A3, "A")
-    config = _check_config("config", config, ("BLOCK", "BLOCK_K")) if config else gram_config(batch, m, m, device)
+    config = (_check_config("config", config, GRAM_KEYS) if config
+              else gram_config(batch, m, m, device, kind="ns_poly"))
     # R[kk, j] = A[j, kk] = A[kk, j]: address it row-major, the coalesced way.
     _launch_gram(A3, (A3.stride(1), A3.stride(2)), out3, config, Q=A3, alpha=c, beta=b)
     return out3[0] if squeeze else out3
@@ -490,7 +594,8 @@ def axpy_matmul(S: torch.Tensor, X: torch.Tensor, a: float, out: torch.Tensor | 
 
     S: [B, m, m], X: [B, m, n] (or both 2-D), any strides, rounded to bf16 on load.
     out: optional [B, m, n] of any float dtype and strides (must not overlap X); default new bf16.
-    config: optional overrides of ``axpy_config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
+    config: optional overrides of ``axpy_config`` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages,
+    CTAS_PER_SM or PROGRAMS; or impl="cublas").
     """
     a = _check_scalar("a", a)
     squeeze = isinstance(X, torch.Tensor) and X.dim() == 2
@@ -506,8 +611,7 @@ def axpy_matmul(S: torch.Tensor, X: torch.Tensor, a: float, out: torch.Tensor | 
     if out3.numel() == 0:
         return out3[0] if squeeze else out3
     _check_not_aliased(out3, out, X3, "X")
-    config = (_check_config("config", config, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")) if config
-              else axpy_config(batch, m, n, device))
+    config = _check_config("config", config, AXPY_KEYS) if config else axpy_config(batch, m, n, device)
     _launch_axpy(S3, X3, out3, a, config)
     return out3[0] if squeeze else out3
 
@@ -524,32 +628,36 @@ def forward(G: torch.Tensor, coefficients, norm_scale: float, eps: float) -> tor
     return _iterate(G, coefficients, norm_scale, eps, torch.empty_like(G))
 
 
-def _iterate(G, coefficients, norm_scale, eps, out):
+def step_configs(batch: int, m: int, n: int, device: torch.device, sms: int | None = None) -> dict:
+    """{"gram", "poly", "axpy"}: the launch parameters of one step on a [batch, m, n] (m <= n) iterate."""
+    return {"gram": gram_config(batch, m, n, device, sms=sms), "poly": gram_config(batch, m, m, device, "ns_poly", sms),
+            "axpy": axpy_config(batch, m, n, device, sms)}
+
+
+def _iterate(G, coefficients, norm_scale, eps, out, configs: dict | None = None):
     # out: [B, M, N] in G.dtype, contiguous; fully overwritten (tests pass it NaN-filled).
+    # configs: optional overrides {"gram", "poly", "axpy"} of step_configs (benchmarks, the tuner).
     batch, M, N = G.shape
     if G.numel() == 0:
         return out
-    # X0 = G / (norm_scale·||G||_F + eps), rounded to bf16 once; the division runs in fp32.
-    norm = torch.linalg.vector_norm(G, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    X = torch.empty(G.shape, dtype=torch.bfloat16, device=G.device)
-    torch.div(G, norm * norm_scale + eps, out=X)
-    if len(coefficients) == 0:
-        return out.copy_(X)
-
     tall = M > N
-    # Iterate on [B, m, n] with m <= n; for tall G these are transposed views (no copies).
-    X_next = torch.empty_like(X)
-    x, x_next, dst_final = (X.mT, X_next.mT, out.mT) if tall else (X, X_next, out)
-    m, n = x.shape[1], x.shape[2]
+    m, n = (N, M) if tall else (M, N)
+    # X0 in the wide layout [B, m, n]; a tall G is written transposed.
+    X = torch.empty((batch, m, n), dtype=torch.bfloat16, device=G.device)
+    _launch_normalize(G.contiguous(), X.mT if tall else X, norm_scale, eps)
+    if len(coefficients) == 0:
+        return out.copy_(X.mT if tall else X)
+    cfg = step_configs(batch, m, n, G.device)
+    cfg.update(configs or {})
     A = torch.empty((batch, m, m), dtype=torch.bfloat16, device=G.device)
     S = torch.empty_like(A)
+    x, x_next = X, torch.empty_like(X)
+    dst_final = out.mT if tall else out
     last = len(coefficients) - 1
-    with torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext():
-        gram_cfg, poly_cfg, axpy_cfg = _step_configs(x, A, S, x_next)
-        for step, (a, b, c) in enumerate(coefficients):
-            _launch_gram(x, (x.stride(2), x.stride(1)), A, gram_cfg)
-            _launch_gram(A, (A.stride(1), A.stride(2)), S, poly_cfg, Q=A, alpha=c, beta=b)
-            dst = dst_final if step == last else x_next
-            _launch_axpy(S, x, dst, a, axpy_cfg)
-            x, x_next = dst, x
+    for step, (a, b, c) in enumerate(coefficients):
+        _launch_gram(x, (x.stride(2), x.stride(1)), A, cfg["gram"])
+        _launch_gram(A, (A.stride(1), A.stride(2)), S, cfg["poly"], Q=A, alpha=c, beta=b)
+        dst = dst_final if step == last else x_next
+        _launch_axpy(S, x, dst, a, cfg["axpy"])
+        x, x_next = dst, x
     return out

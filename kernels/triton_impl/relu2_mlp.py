@@ -1,300 +1,285 @@
-"""Triton backend of relu2_mlp: six tiled GEMMs (two forward, four backward) with fused epilogues.
+"""Triton backend of relu2_mlp: the two GEMMs with an epilogue fused in Triton, the four plain ones on cuBLAS.
 
-Every GEMM of the block goes through one kernel, C[M, N] = epilogue(A[M, K]·B[K, N]),
-whose operands are addressed through strides so transposes (w_fcᵀ, dyᵀ, dpreᵀ)
-are views, never copies:
+    forward   post    = relu(x·w_fcᵀ)²           fused: relu² on the fp32 accumulator, pre never reaches memory
+              out     = post·w_projᵀ              cuBLAS (torch.mm)
+    backward  dpre    = (dy·w_proj)·2·sqrt(post)  fused: relu(pre) = sqrt(post) read in the epilogue
+              dx      = dpre·w_fc                 cuBLAS
+              dw_fc   = dpreᵀ·x                   cuBLAS, written in w_fc's own layout
+              dw_proj = dyᵀ·post                  cuBLAS, written in w_proj's own layout
 
-    forward   post    = relu(x·w_fcᵀ)²          epilogue RELU_SQUARE (pre never reaches memory)
-              out     = post·w_projᵀ
-    backward  dw_proj = dyᵀ·post                 split-K (K = T is long, the output is small)
-              dpre    = (dy·w_proj)·2·sqrt(post) epilogue RELU_SQUARE_GRAD (relu(pre) = sqrt(post))
-              dw_fc   = dpreᵀ·x                  split-K
-              dx      = dpre·w_fc
+Why these two fused: unfused, each epilogue is a [T, H] round trip through HBM (the
+forward would write pre and read it back; the backward would write dpost and read it
+with post): at the speedrun's T = 49152, H = 3072 in bf16 that is 604 MB, ~180 µs at
+3.35 TB/s per layer and direction, against ~330 µs for the GEMM itself at 700 TFLOP/s.
+The four plain GEMMs have nothing to fuse and cuBLAS is the best public GEMM.
 
-Operands are bf16/fp16 with fp32 accumulation; fp32 operands are accepted and
-multiplied by tl.dot in its default precision, which is TF32 on a GPU (about
-10 mantissa bits per product; accumulation stays fp32). Outputs are stored in
-the operands' dtype, post included.
+The fused kernel, C[M, N] = epilogue(A[M, K]·B[K, N]) with A = x or dy [T, D] and
+B = w_fcᵀ or w_proj [D, H]:
+- persistent: min(#SMs, tiles) programs walk the output tiles (grouped order), so the
+  epilogue of one tile overlaps the first loads of the next (the tile loop is flattened
+  for the software pipeliner) and no tile waits on a launch;
+- fed by TMA through host-side tensor descriptors (no allocator, no in-kernel descriptor
+  setup), B in either layout: N-contiguous (w_proj, or a w_fc stored [D, H]) loads
+  [BLOCK_K, BLOCK_N] boxes, K-contiguous (w_fc stored [H, D]) loads [BLOCK_N, BLOCK_K]
+  boxes and transposes them in shared memory; a ragged T is clipped by the descriptor;
+- the epilogue runs on two [BLOCK_M, BLOCK_N/2] halves, which keeps the fp32 accumulator,
+  the post tile of the backward and the store staging under 255 registers;
+- operands that TMA cannot describe (a row stride that is not a multiple of 16 bytes, a
+  misaligned base, neither dim contiguous) take the same kernel's pointer path with masks.
+Both paths run under the Triton interpreter (CPU tests).
 
-Order: kernels -> launchers (config table, split-K) -> forward / backward.
+Operands are bf16/fp16 with fp32 accumulation; fp32 operands are multiplied by tl.dot in
+its default precision, TF32 on a GPU. The epilogue runs in fp32 and rounds once on store.
+Launch parameters come from the committed table (kernels/triton_impl/tuned_configs.py).
+
+Order: kernel -> configuration -> launcher (fused_gemm) -> backend entry points.
 """
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernels.triton_impl._tiles import grouped_tile
+from kernels.relu2_mlp import matmul_in_layout
+from kernels.triton_impl._tiles import grouped_tile, interpreting, num_sms, tuned_config
 
-EPILOGUE_NONE = 0
-EPILOGUE_RELU_SQUARE = 1       # C = relu(acc)²
-EPILOGUE_RELU_SQUARE_GRAD = 2  # C = acc·2·sqrt(aux), aux = post with C's shape
+EPILOGUE_RELU2 = 1       # C = relu(acc)²
+EPILOGUE_RELU2_GRAD = 2  # C = acc·2·sqrt(aux), aux = post with C's shape
+EPILOGUE_NAMES = {EPILOGUE_RELU2: "relu2", EPILOGUE_RELU2_GRAD: "relu2_grad"}
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_INT32_MAX = 2**31 - 1
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 # ---------------------------------------------------------------------------
-# Kernels
+# Kernel
 # ---------------------------------------------------------------------------
 
 @triton.jit
-def _matmul_epilogue_kernel(
-    # C[M, N] = epilogue(A[M, K]·B[K, N]); with split-K, C is an fp32 [SPLIT, M, N] workspace
-    a_ptr, b_ptr, c_ptr, aux_ptr,
-    M, N, K,
-    # strides in elements; any layout (transposed views included)
-    stride_am, stride_ak,
-    stride_bk, stride_bn,
-    stride_cs, stride_cm, stride_cn,  # stride_cs: between split-K slices of the workspace
-    stride_xm, stride_xn,             # aux (post), read only by EPILOGUE_RELU_SQUARE_GRAD
-    # split-K: program (i, s) reduces k in [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT), a multiple of BLOCK_K
-    K_PER_SPLIT,
-    # compile-time
-    EPILOGUE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,  # dims divisible: drop masks
-    INDEX_64: tl.constexpr,  # some offset can pass 2³¹ elements
-    DOT_FP32: tl.constexpr,  # interpreter only: its bf16 tl.dot multiplies raw bit patterns
-):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if INDEX_64:
-        pid_k = pid_k.to(tl.int64)
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Masks name only the ragged dims: a row mask is constant along k, so a ragged T
-    # still lets the compiler vectorise the loads (and pipeline them with cp.async).
-    for k in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            if EVEN_M:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            if EVEN_N:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mask_k = offs_k < K - k
-            if EVEN_M:
-                a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            if EVEN_N:
-                b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-            else:
-                b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    mask_c = mask_m[:, None] & mask_n[None, :]
+def _epilogue_half(acc, c, aux, off_m, off_n, M, N,
+                   stride_cm, stride_cn, stride_xm, stride_xn,
+                   EPILOGUE: tl.constexpr, USE_TMA: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, INDEX_64: tl.constexpr):
+    # acc: [BLOCK_M, HALF_N] fp32, the output columns [off_n, off_n + HALF_N).
+    if not USE_TMA:
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, HALF_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if INDEX_64:
+            offs_m = offs_m.to(tl.int64)
+            offs_n = offs_n.to(tl.int64)
     if EPILOGUE == 1:
         # `acc < 0` is False for NaN, so NaN propagates as in torch.relu.
-        acc = tl.where(acc < 0.0, 0.0, acc)
-        acc = acc * acc
-    elif EPILOGUE == 2:
-        aux_ptrs = aux_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn
-        if EVEN_M and EVEN_N:
-            post = tl.load(aux_ptrs)
-        else:
-            post = tl.load(aux_ptrs, mask=mask_c, other=0.0)
-        acc = acc * (2.0 * tl.sqrt(post.to(tl.float32)))
-
-    c_ptrs = c_ptr + pid_k * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    if EVEN_M and EVEN_N:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty))
+        y = tl.where(acc < 0.0, 0.0, acc)
+        y = y * y
     else:
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+        if USE_TMA:
+            post = aux.load([off_m, off_n])
+        else:
+            post = tl.load(aux + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+        y = acc * (2.0 * tl.sqrt(post.to(tl.float32)))
+    if USE_TMA:
+        c.store([off_m, off_n], y.to(OUT_DTYPE))
+    else:
+        tl.store(c + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, y.to(OUT_DTYPE), mask=mask)
 
 
 @triton.jit
-def _split_k_sum_kernel(
-    # out[i] = Σ_s ws[s, i] for the flattened [SPLIT, numel] fp32 workspace; out contiguous
-    ws_ptr, out_ptr,
-    numel, num_splits,
-    BLOCK: tl.constexpr,
-    INDEX_64: tl.constexpr,
+def _relu2_gemm_kernel(
+    # C[M, N] = epilogue(A[M, K]·B[K, N]). With USE_TMA: host tensor descriptors (b over B, or over
+    # Bᵀ when B_KMAJOR); without: base pointers addressed through the strides below.
+    a, b, c, aux,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,  # pointer path only (ignored with TMA)
+    stride_cm, stride_cn, stride_xm, stride_xn,
+    # compile-time
+    EPILOGUE: tl.constexpr,     # 1: relu², 2: relu² gradient (reads aux)
+    USE_TMA: tl.constexpr,
+    B_KMAJOR: tl.constexpr,     # TMA: b describes Bᵀ [N, K] (K contiguous)
+    OUT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,  # persistent: program p handles tiles p, p + NUM_PROGRAMS, ...
+    FLATTEN: tl.constexpr,       # let the pipeliner run across tile boundaries
+    INDEX_64: tl.constexpr,      # pointer path: some element offset can pass 2^31
+    DOT_FP32: tl.constexpr,      # interpreter only: its bf16 tl.dot multiplies raw bit patterns
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    if INDEX_64:
-        offs = offs.to(tl.int64)
-    mask = offs < numel
-    ws_ptrs = ws_ptr + offs
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    # Fixed order over the splits: the result is deterministic, unlike atomics.
-    for _ in range(0, num_splits):
-        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
-        ws_ptrs += numel  # advancing the 64-bit pointer: no s·numel product to overflow int32
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(pid, num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if not USE_TMA:
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            if INDEX_64:
+                offs_m = offs_m.to(tl.int64)
+                offs_n = offs_n.to(tl.int64)
+            a_ptrs = a + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+            b_ptrs = b + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            if USE_TMA:
+                at = a.load([off_m, ki * BLOCK_K])
+                if B_KMAJOR:
+                    bt = b.load([off_n, ki * BLOCK_K]).T
+                else:
+                    bt = b.load([ki * BLOCK_K, off_n])
+            else:
+                k_left = K - ki * BLOCK_K
+                at = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+                bt = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+            if DOT_FP32:
+                at = at.to(tl.float32)
+                bt = bt.to(tl.float32)
+            acc = tl.dot(at, bt, acc)
+        # Two [BLOCK_M, BLOCK_N / 2] halves: columns [0, BN/2) and [BN/2, BN) of the tile.
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        acc0, acc1 = tl.split(halves)
+        _epilogue_half(acc0, c, aux, off_m, off_n, M, N, stride_cm, stride_cn, stride_xm, stride_xn,
+                       EPILOGUE, USE_TMA, OUT_DTYPE, BLOCK_M, BLOCK_N // 2, INDEX_64)
+        _epilogue_half(acc1, c, aux, off_m, off_n + BLOCK_N // 2, M, N, stride_cm, stride_cn, stride_xm, stride_xn,
+                       EPILOGUE, USE_TMA, OUT_DTYPE, BLOCK_M, BLOCK_N // 2, INDEX_64)
 
 
 # ---------------------------------------------------------------------------
-# Launchers
+# Configuration
 # ---------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+# Interpreter: small tiles so that odd test shapes span several tiles in every dim,
+# and 3 programs so that the persistent loop gives each several tiles.
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=1, FLATTEN=True,
+                         PROGRAMS=3)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def table_key(M: int, N: int, K: int, dtype: torch.dtype, epilogue: int) -> str:
+    """Key of the tuning table: dtype, epilogue, N, K and whether M (tokens) fills a 128-row tile."""
+    rows = "m64" if M <= 64 else "m"
+    return f"{str(dtype).replace('torch.', '')}/{EPILOGUE_NAMES[epilogue]}/{rows}/n{N}/k{K}"
 
 
-# Tile shapes: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).
-# Shared memory per stage is (BM + BN)·BK·itemsize: 48 KiB for the large 16-bit
-# tile, so 3 stages fit the H100's 227 KiB with room for the epilogue.
-_TILE_LARGE = (128, 256, 64, 8, 8, 3)   # 16-bit, many output tiles: most FLOPs per byte loaded
-_TILE_MEDIUM = (128, 128, 64, 8, 8, 4)  # 16-bit, few output tiles (weight gradients, split-K)
-_TILE_SMALL_M = (64, 128, 64, 8, 4, 4)  # 16-bit, M ≤ 64 (a handful of tokens)
-_TILE_FP32 = (128, 128, 32, 8, 8, 3)    # fp32 operands take twice the shared memory per element
-_TILE_INTERPRET = (32, 32, 32, 4, 4, 1)  # interpreter: small tiles so odd test shapes span several
+def default_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: int) -> dict:
+    """Starting points for an H100 when the table has no entry for the shape.
 
-# Rough H100 figures for the split-K cost model; only their ratio matters.
-_SM_FLOPS = 700e12 / 132  # sustained bf16 tensor-core FLOP/s of one SM
-_HBM_BYTES_PER_S = 2.5e12
-_MAX_SPLIT_K = 16
-
-
-def _choose_split_k(M, N, K, block_m, block_n, block_k, num_sms):
-    """The split count minimising waves·(k-steps per split) plus the fp32 reduction's traffic.
-
-    Weight gradients have M·N small (768 × 3072 = 144 tiles of 128²) and K = T long: unsplit,
-    144 tiles on 132 SMs run as two waves, the second nearly empty.
+    16-bit, many tokens: 128x256x64 tiles, 8 warps (two warpgroups of 64x256 wgmma). Shared
+    memory: a stage is (128·64 + 64·256)·2 B = 48 KiB; the epilogue stages a 128x128 half
+    (32 KiB) and the backward its post half (32 KiB): 4 stages forward (224 KiB), 3 backward.
     """
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    k_steps = triton.cdiv(K, block_k)
-    step_s = 2.0 * block_m * block_n * block_k / _SM_FLOPS
-    best_split, best_s = 1, None
-    for split in range(1, min(_MAX_SPLIT_K, k_steps) + 1):
-        steps_per_split = triton.cdiv(k_steps, split)
-        if triton.cdiv(k_steps, steps_per_split) != split:
-            continue  # would leave an empty split
-        waves = triton.cdiv(tiles * split, num_sms)
-        t = waves * steps_per_split * step_s
-        if split > 1:
-            # workspace written by the GEMM (overlapped), read once by the sum, plus a launch
-            t += split * M * N * 4 / _HBM_BYTES_PER_S + 5e-6
-        if best_s is None or t < best_s * 0.98:  # prefer fewer splits unless clearly faster
-            best_split, best_s = split, t
-    return best_split
+    if dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3, FLATTEN=True)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4, FLATTEN=True)
+    stages = 4 if epilogue == EPILOGUE_RELU2 else 3
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages, FLATTEN=True)
 
 
-def pick_config(M, N, K, dtype, epilogue=EPILOGUE_NONE, num_sms=None, interpret=False):
-    """Launch parameters for one GEMM: a dict of block sizes, GROUP_M, SPLIT_K, num_warps, num_stages.
+# The pointer path (operands TMA cannot describe, e.g. a row stride that is not a multiple of 16
+# bytes): its loads are narrow and cannot be staged by cp.async, so the accumulator, the 64-bit
+# pointer tiles and the masks share the registers; 128x128x32 over 8 warps is the largest tile that
+# compiles without spills (sm_90a, triton 3.6 and 3.9).
+POINTER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True)
 
-    The table is keyed by the output's tile count and the dtype; split-K is used only without an
-    epilogue (relu² of a partial sum is not the partial of relu²). Not tuned on a GPU yet.
-    """
-    if interpret:
-        tile = _TILE_INTERPRET
-    elif dtype == torch.float32:
-        tile = _TILE_FP32
-    elif M <= 64:
-        tile = _TILE_SMALL_M
-    elif triton.cdiv(M, 128) * triton.cdiv(N, 256) >= 4 * (num_sms or 132):
-        tile = _TILE_LARGE
-    else:
-        tile = _TILE_MEDIUM
-    block_m, block_n, block_k, group_m, num_warps, num_stages = tile
-    split_k = 1
-    if epilogue == EPILOGUE_NONE and not interpret and num_sms:
-        split_k = _choose_split_k(M, N, K, block_m, block_n, block_k, num_sms)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
-                num_warps=num_warps, num_stages=num_stages)
 
+def gpu_config(M: int, N: int, K: int, dtype: torch.dtype, epilogue: int) -> dict:
+    """The GPU launch parameters of one fused GEMM: the table's entry for the shape, else ``default_config``."""
+    return tuned_config("relu2_gemm", table_key(M, N, K, dtype, epilogue)) or default_config(M, N, K, dtype, epilogue)
+
+
+# ---------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------
 
 def _alloc(shape, dtype, device):
-    # Every output and workspace comes from here, so tests can hand out NaN-poisoned buffers.
+    # Every output and temporary comes from here, so tests can hand out NaN-poisoned buffers.
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A 2-D view a TMA descriptor can address: unit inner stride, 16-byte aligned base and row stride."""
+    elt = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * elt) % 16 == 0 and t.data_ptr() % 16 == 0 and t.size(1) * elt >= 16
 
 
 def _max_offset(t: torch.Tensor) -> int:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
-def matmul(a, b, out, epilogue=EPILOGUE_NONE, aux=None, config=None):
-    """out[M, N] = epilogue(a[M, K]·b[K, N]), written in place; all three may be strided views.
+def _b_operand(b: torch.Tensor):
+    """(tensor to describe, K-major?) for B [K, N]: B itself when N is contiguous, else Bᵀ [N, K]."""
+    if b.stride(1) == 1 or b.size(1) == 1:
+        return b, False
+    if b.stride(0) == 1 or b.size(0) == 1:
+        return b.t(), True
+    return None, False
 
-    aux: post [M, N] for EPILOGUE_RELU_SQUARE_GRAD. config: a pick_config dict, to override the table.
+
+def launch_args(a, b, out, epilogue, aux=None, config=None, target_sms=None):
+    """(grid, args, meta) of the fused GEMM out = epilogue(a·b): ``_relu2_gemm_kernel[grid](*args, **meta)``.
+
+    config: overrides of the configuration (USE_TMA=False forces the pointer path; PROGRAMS caps
+    the persistent grid, default the SM count). target_sms: build the launch of a GPU with that
+    many SMs whatever the tensors' device (meta tensors: the sm_90a compile check).
     """
     M, K = a.shape
     N = b.shape[1]
     if b.shape[0] != K or tuple(out.shape) != (M, N):
-        raise ValueError(f"matmul: shapes a {tuple(a.shape)}, b {tuple(b.shape)}, out {tuple(out.shape)} "
-                         f"do not chain as [M, K]·[K, N] -> [M, N]")
-    if epilogue == EPILOGUE_RELU_SQUARE_GRAD and (aux is None or tuple(aux.shape) != (M, N)):
+        raise ValueError(f"a, b, out: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(out.shape)} do not chain "
+                         f"as [M, K]·[K, N] -> [M, N]")
+    if epilogue not in EPILOGUE_NAMES:
+        raise ValueError(f"epilogue: expected EPILOGUE_RELU2 or EPILOGUE_RELU2_GRAD, got {epilogue!r}")
+    if epilogue == EPILOGUE_RELU2_GRAD and (aux is None or tuple(aux.shape) != (M, N)):
         raise ValueError(f"aux: expected post of shape [{M}, {N}] for the relu² gradient epilogue, "
                          f"got {None if aux is None else tuple(aux.shape)}")
-    interpret = a.device.type == "cpu"
-    if config is None:
-        num_sms = None if interpret else _num_sms(a.device.index if a.device.index is not None
-                                                  else torch.cuda.current_device())
-        config = pick_config(M, N, K, a.dtype, epilogue, num_sms=num_sms, interpret=interpret)
-    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
-    split_k = config["SPLIT_K"]
-    if split_k > 1 and epilogue != EPILOGUE_NONE:
-        raise ValueError(f"config: SPLIT_K={split_k} needs epilogue NONE (an epilogue is not linear in "
-                         f"the partial sums), got epilogue {epilogue}")
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)  # never launch an empty split
-
-    if split_k > 1:
-        c = _alloc((split_k, M, N), torch.float32, out.device)
-        stride_cs, stride_cm, stride_cn = c.stride()
+    if min(M, N, K) == 0:
+        raise ValueError(f"a, b: every dim must be >= 1, got M={M}, N={N}, K={K}")
+    aux_t = aux if aux is not None else out  # never read by the relu² epilogue
+    b_desc_t, b_kmajor = _b_operand(b)
+    use_tma = bool((config or {}).get("USE_TMA", True)) and b_desc_t is not None and all(
+        _tma_ok(t) for t in (a, b_desc_t, out, aux_t))
+    if a.device.type == "cuda" or target_sms is not None:
+        cfg = gpu_config(M, N, K, a.dtype, epilogue) if use_tma else dict(POINTER_CONFIG)
     else:
-        c = out
-        stride_cs, (stride_cm, stride_cn) = 0, out.stride()
-    aux_t = aux if aux is not None else out  # never read without the gradient epilogue
-    largest = max(_max_offset(t) for t in (a, b, c, aux_t))
-    index_64 = bool(config.get("INDEX_64", False)) or largest > _INT32_MAX
+        cfg = dict(_INTERPRET_CONFIG)
+    cfg.update(config or {})
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    if use_tma:
+        half = [bm, bn // 2]
+        tensors = (TensorDescriptor.from_tensor(a, [bm, bk]),
+                   TensorDescriptor.from_tensor(b_desc_t, [bn, bk] if b_kmajor else [bk, bn]),
+                   TensorDescriptor.from_tensor(out, half), TensorDescriptor.from_tensor(aux_t, half))
+    else:
+        tensors, b_kmajor = (a, b, out, aux_t), False
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = min(tiles, cfg.get("PROGRAMS") or target_sms or num_sms(a.device))
+    # Pointer path: 32-bit element offsets unless one can pass 2^31 (tile overhang included).
+    pad = (bm + bn + bk) * max(abs(s) for t in (a, b, out, aux_t) for s in t.stride())
+    index_64 = not use_tma and (pad + max(_max_offset(t) for t in (a, b, out, aux_t))) >= 2**31
+    args = (*tensors, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1), aux_t.stride(0), aux_t.stride(1))
+    meta = dict(EPILOGUE=epilogue, USE_TMA=use_tma, B_KMAJOR=b_kmajor, OUT_DTYPE=_TL_DTYPES[out.dtype],
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], NUM_PROGRAMS=programs,
+                FLATTEN=bool(cfg.get("FLATTEN", True)), INDEX_64=index_64,
+                DOT_FP32=interpreting() and a.dtype == torch.bfloat16,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return (programs,), args, meta
 
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
-    _matmul_epilogue_kernel[grid](
-        a, b, c, aux_t,
-        M, N, K,
-        a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1),
-        stride_cs, stride_cm, stride_cn,
-        aux_t.stride(0), aux_t.stride(1),
-        k_per_split,
-        EPILOGUE=epilogue,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"],
-        EVEN_M=M % block_m == 0, EVEN_N=N % block_n == 0, EVEN_K=K % block_k == 0,
-        INDEX_64=index_64,
-        DOT_FP32=_interpreting() and a.dtype == torch.bfloat16,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    if split_k > 1:
-        if not out.is_contiguous():
-            raise ValueError("out: split-K writes the reduced result contiguously; got a strided out")
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(M * N, block),)](
-            c, out, M * N, split_k, BLOCK=block, INDEX_64=index_64, num_warps=4,
-        )
+
+def fused_gemm(a, b, out, epilogue, aux=None, config=None):
+    """out[M, N] = epilogue(a[M, K]·b[K, N]) written in place; all of them may be strided views.
+
+    epilogue: EPILOGUE_RELU2 (out = relu(a·b)²) or EPILOGUE_RELU2_GRAD (out = (a·b)·2·sqrt(aux),
+    aux [M, N]). config: overrides of the configuration (see ``launch_args``).
+    """
+    grid, args, meta = launch_args(a, b, out, epilogue, aux, config)
+    _relu2_gemm_kernel[grid](*args, **meta)
     return out
 
 
@@ -320,39 +305,39 @@ def _check_x(x):
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: dtype {x.dtype} is not supported by the triton backend; "
                         f"expected bfloat16, float16 or float32")
-    if x.dim() != 2 or x.size(0) < 1:
-        raise ValueError(f"x: expected a 2-D [T, D] tensor with T >= 1, got shape {list(x.shape)}")
+    if x.dim() != 2 or x.size(0) < 1 or x.size(1) < 1:
+        raise ValueError(f"x: expected a 2-D [T, D] tensor with T >= 1 and D >= 1, got shape {list(x.shape)}")
 
 
-def forward(x, w_fc, w_proj):
-    """x [T, D], w_fc [H, D], w_proj [D, H] -> (out [T, D], post = relu(x·w_fcᵀ)² [T, H]), in x.dtype."""
+def _check_weights(x, w_fc, w_proj):
     _check_x(x)
     T, D = x.shape
-    H = w_fc.shape[0] if isinstance(w_fc, torch.Tensor) else -1
+    H = w_fc.shape[0] if isinstance(w_fc, torch.Tensor) and w_fc.dim() == 2 else -1
+    if H == 0:
+        raise ValueError(f"w_fc: H = 0 rows; expected a [H, {D}] weight with H >= 1")
     _check("w_fc", w_fc, x.dtype, (H, D), x.device)
     _check("w_proj", w_proj, x.dtype, (D, H), x.device)
+    return T, D, H
+
+
+def forward(x, w_fc, w_proj, config=None):
+    """x [T, D], w_fc [H, D], w_proj [D, H] (weights in any strides) -> (out [T, D], post [T, H]), in x.dtype.
+
+    config: optional overrides for the fused GEMM (benchmarks).
+    """
+    T, D, H = _check_weights(x, w_fc, w_proj)
     post = _alloc((T, H), x.dtype, x.device)
-    matmul(x, w_fc.t(), post, epilogue=EPILOGUE_RELU_SQUARE)
-    out = _alloc((T, D), x.dtype, x.device)
-    matmul(post, w_proj.t(), out)
+    fused_gemm(x, w_fc.t(), post, EPILOGUE_RELU2, config=config)
+    out = torch.mm(post, w_proj.t(), out=_alloc((T, D), x.dtype, x.device))
     return out, post
 
 
-def backward(dy, x, w_fc, w_proj, post):
-    """-> (dx [T, D], dw_fc [H, D], dw_proj [D, H]); dpre = (dy·w_proj)·2·sqrt(post) is a [T, H] temporary."""
-    _check_x(x)
-    T, D = x.shape
-    H = w_fc.shape[0] if isinstance(w_fc, torch.Tensor) else -1
-    _check("w_fc", w_fc, x.dtype, (H, D), x.device)
-    _check("w_proj", w_proj, x.dtype, (D, H), x.device)
+def backward(dy, x, w_fc, w_proj, post, config=None):
+    """-> (dx [T, D], dw_fc [H, D], dw_proj [D, H]); each weight gradient in its weight's layout."""
+    T, D, H = _check_weights(x, w_fc, w_proj)
     _check("dy", dy, x.dtype, (T, D), x.device)
     _check("post", post, x.dtype, (T, H), x.device)
-    dw_proj = _alloc((D, H), w_proj.dtype, x.device)
-    matmul(dy.t(), post, dw_proj)
     dpre = _alloc((T, H), x.dtype, x.device)
-    matmul(dy, w_proj, dpre, epilogue=EPILOGUE_RELU_SQUARE_GRAD, aux=post)
-    dw_fc = _alloc((H, D), w_fc.dtype, x.device)
-    matmul(dpre.t(), x, dw_fc)
-    dx = _alloc((T, D), x.dtype, x.device)
-    matmul(dpre, w_fc, dx)
-    return dx, dw_fc, dw_proj
+    fused_gemm(dy, w_proj, dpre, EPILOGUE_RELU2_GRAD, aux=post, config=config)
+    dx = torch.mm(dpre, w_fc, out=_alloc((T, D), x.dtype, x.device))
+    return dx, matmul_in_layout(dpre.t(), x, w_fc, _alloc), matmul_in_layout(dy.t(), post, w_proj, _alloc)
