@@ -51,6 +51,8 @@ def speedrun_stacks(batches) -> list[dict]:
 def shapes(ctx) -> list[dict]:
     if ctx.smoke:
         return [{"B": 2, "M": 40, "N": 24}]
+    if ctx.proof:  # the targets' shapes
+        return [{"B": 44, "M": 768, "N": 768}, {"B": 24, "M": 768, "N": 3072}, {"B": 1, "M": 4096, "N": 4096}]
     if ctx.full:
         return speedrun_stacks((1, 2, 4, 6, 8, 12, 16, 24, 44)) + [
             {"B": 1, "M": s, "N": s} for s in (1024, 2048, 3072, 4096, 6144, 8192)]
@@ -130,7 +132,7 @@ def run(ctx: harness.BenchContext) -> None:
                                   oracle)["ref_rel_err"]
         bytes_moved = 2 * G.numel() * G.element_size()  # read G, write X
 
-        for name, fn in providers.items():
+        for name, fn in ctx.ordered(providers):
             reason = _reason(ctx, name)
             if reason is not None:
                 ctx.skip(kernel=KERNEL, shape=shape, provider=name, mode="fwd", note=reason)
@@ -173,7 +175,7 @@ def _bench_record_set(ctx, providers, coefficients, norm_scale):
     triton_fn = providers["triton"]
     runs["triton[per-param]"] = lambda: [triton_fn(G) for G in param_stacks]
 
-    for name, fn in runs.items():
+    for name, fn in ctx.ordered(runs):
         reason = _reason(ctx, name)
         if reason is not None:
             ctx.skip(kernel=SET_KERNEL, shape=label, provider=name, mode="fwd", note=reason)
@@ -242,7 +244,7 @@ def _bench_step_kernels(ctx):
                 if why is not None and (missing == "triton" or name == "ns_sym_xxt"):
                     ctx.skip(kernel=name, shape=shape, provider=missing, mode="fwd", note=why)
             nbytes = 2 * (X.numel() + A.numel()) if name != "ns_axpy" else 2 * (2 * X.numel() + S.numel())
-            for prov, fn in providers.items():
+            for prov, fn in ctx.ordered(providers):
                 ctx.bench(kernel=name, shape=shape, provider=prov, mode="fwd", fn=fn, flops=fl, bytes_moved=nbytes,
                           check=lambda fn=fn, want=want: harness.compare("out", fn(), want, rel_tol=2e-2,
                                                                          cos_min=0.9999))

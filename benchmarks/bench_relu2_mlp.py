@@ -34,6 +34,8 @@ MODDED_CONFIG = {1: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=1, num_wa
 def shapes(ctx) -> list[dict]:
     if ctx.smoke:
         return [{"T": 19, "D": 24, "H": 40}]
+    if ctx.proof:
+        return [SPEEDRUN]
     out = [SPEEDRUN, {"T": 8192, "D": 768, "H": 3072}, {"T": 16384, "D": 1024, "H": 4096},
            {"T": 4099, "D": 768, "H": 3072}]
     if ctx.full:
@@ -134,7 +136,7 @@ def run(ctx: harness.BenchContext) -> None:
                 metrics.update(harness.compare(name, g, g64, rel_tol=5e-2, cos_min=0.999))
             return metrics
 
-        for name, fwd in providers.items():
+        for name, fwd in ctx.ordered(providers):
             reason = ctx.unavailable(KERNEL, name.split("[")[0]) if name.startswith(("triton", "cuda")) else None
             if reason is not None:
                 for mode in harness.MODES:
@@ -183,7 +185,7 @@ def _bench_gemms(ctx, shape, x, w_fc, w_proj, dy, post64, dpre64, triton_reason)
             for name in ("triton", "triton[modded]"):
                 ctx.skip(kernel=GEMM_KERNEL, shape=shape, provider=name, mode=mode, note=triton_reason)
         flops, bytes_moved = gemm_costs_[mode]
-        for name, fn in providers.items():
+        for name, fn in ctx.ordered(providers):
             # cuBLAS alone computes the GEMM without the epilogue: checked against the plain product
             ref = (x.double() @ w_fc.double().t() if mode == "fwd" else dy.double() @ w_proj.double()) \
                 if name == "cublas" else want

@@ -12,7 +12,9 @@ logs.tar.gz, since a run killed at its limit keeps what its finished stages wrot
     bench.md, bench.json    the report of the bench stage, and its plots (<kernel>.png)
     train_<backend>.jsonl   each trainer run's log.jsonl
 
-The logs and junit files stay out of git (they are in OUTDIR's tarballs). The "Newest:" lines of
+A tile table the tuner measured on the GPU (logs.tar.gz's tuned_configs.py, MEASURED = True)
+replaces kernels/triton_impl/tuned_configs.py. The logs and junit files stay out of git (they are
+in OUTDIR's tarballs). The "Newest:" lines of
 benchmarks/results/README.md and of the top-level README.md then link to the run's summary.
 Commit the folder and both READMEs yourself.
 """
@@ -83,7 +85,11 @@ def _point_readme(readme: Path, line: str) -> None:
     readme.write_text(NEWEST.sub(line, text) if NEWEST.search(text) else text.rstrip() + "\n\n" + line + "\n")
 
 
-def collect(src: Path, name: str | None = None, results: Path = RESULTS, top_readme: Path | None = None) -> Path:
+TUNED_TABLE = REPO / "kernels" / "triton_impl" / "tuned_configs.py"
+
+
+def collect(src: Path, name: str | None = None, results: Path = RESULTS, top_readme: Path | None = None,
+            freeze_table: Path | None = TUNED_TABLE) -> Path:
     src = Path(src)
     present = [p.name for p in src.iterdir()] if src.is_dir() else []
     if not any(n in present for n in ("summary.md", "env.txt", "proof.jsonl")):
@@ -113,6 +119,11 @@ def collect(src: Path, name: str | None = None, results: Path = RESULTS, top_rea
         if len(parts) == 2 and parts[1] == "log.jsonl":
             (dest / f"{parts[0]}.jsonl").write_bytes(data)
             filed.append(f"{parts[0]}.jsonl")
+    for member, data in _members(src / "logs.tar.gz"):
+        # The tuner's table from a GPU: frozen into the repository, so no later run pays for autotuning.
+        if Path(member).name == "tuned_configs.py" and b"MEASURED = True" in data and freeze_table is not None:
+            freeze_table.write_bytes(data)
+            filed.append(f"{freeze_table.relative_to(REPO) if freeze_table.is_relative_to(REPO) else freeze_table}")
     entry = "summary.md" if (dest / "summary.md").exists() else (filed[0] if filed else "")
     _point_readme(results / "README.md", f"Newest: [{dest.name}]({dest.name}/{entry})")
     top = top_readme if top_readme is not None else REPO / "README.md"
@@ -129,7 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default=None, help="folder name under benchmarks/results (default <date>_<device>)")
     args = p.parse_args(argv)
     dest = collect(args.outdir, args.name)
-    print(f"now: git add {dest.relative_to(REPO)} benchmarks/results/README.md README.md")
+    print(f"now: git add {dest.relative_to(REPO)} benchmarks/results/README.md README.md "
+          f"{TUNED_TABLE.relative_to(REPO)}")
     return 0
 
 

@@ -35,8 +35,9 @@ minimum of the later guaranteed stages (1-4), so stages 1-4 run even with a 300 
     bench    12 %   run_all over the benchmark scripts' shape sweeps (report, plots)
     train    20 %   the record preset, triton backend, a few steps on synthetic shards; validation
                     uses the training shape, so it reuses the training compile
-    extra   rest    only if time is left: the interpret tier (Triton on CUDA tensors) and the trainer
-                    with the other backends
+    extra   rest    only if time is left: the tile tuner (kernels.triton_impl.tune --write --quick; its
+                    table comes back in logs.tar.gz and collect_results freezes it into the repository),
+                    the interpret tier (Triton on CUDA tensors), the trainer with the other backends
 
 Environment: GPU_CHECK_BUDGET_S (default 540; 160 with --dry-run), GPU_CHECK_TRAIN_STEPS (default 10),
 PYTHON (the interpreter for every stage; default: this one). pip runs offline (PIP_NO_INDEX=1).
@@ -349,6 +350,18 @@ print(json.dumps(info))
     def stage_extra(self) -> None:
         started = time.monotonic()
         ran, problems = [], []
+        # First the tile tuner (GPU only): its table, frozen into the repository by collect_results, is
+        # what every later run uses instead of the estimates. It writes the table when it is done.
+        limit = min(240.0, self.limit_for("extra") - 60)
+        if not self.dry_run and limit >= 60:
+            table = ROOT / "kernels" / "triton_impl" / "tuned_configs.py"
+            rc = self.run(self.py("-m", "kernels.triton_impl.tune", "--write", "--quick"), self.logs / "tune.log",
+                          limit)
+            ran.append("tuner")
+            if rc != 0:
+                problems.append(f"tuner {'timeout' if rc is None else f'rc={rc}'}")
+            elif table.exists():
+                shutil.copyfile(table, self.logs / "tuned_configs.py")  # into logs.tar.gz at the stage's end
         # The interpret tier runs its Triton kernels on CUDA tensors on a GPU machine.
         # On a GPU, the trainers below are worth a minute more than the rest of this tier.
         limit = self.limit_for("extra") - (0 if self.dry_run else 60)

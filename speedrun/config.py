@@ -11,6 +11,7 @@ import dataclasses
 import math
 import typing
 
+from kernels.newton_schulz import MAX_STEPS as NS_MAX_STEPS
 from speedrun.data import DEFAULT_FINEWEB_DIR, SyntheticSpec
 
 
@@ -103,6 +104,7 @@ class Config:
                      "num_layers", "model_dim", "num_heads", "head_dim", "mlp_ratio", "attn_block",
                      "window_max_tokens", "ns_steps", "log_every", "vocab_size"):
             need(getattr(self, name) >= 1, name, "expected >= 1")
+        need(self.ns_steps <= NS_MAX_STEPS, "ns_steps", f"expected <= {NS_MAX_STEPS} (kernels.newton_schulz's cap)")
         need(self.head_dim % 4 == 0, "head_dim", "the half-truncated rotary needs a multiple of 4")
         need(len(self.window_pattern) == self.num_layers and set(self.window_pattern) <= {"L", "S"},
              "window_pattern", f"expected {self.num_layers} letters L/S (one per layer)")

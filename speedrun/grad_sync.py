@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 import time
 from dataclasses import dataclass, field
 
@@ -109,6 +110,15 @@ class Bucket:
                 yield p, a - off, b - off, a - lo
 
 
+_LIVE: "weakref.WeakSet[GradSync]" = weakref.WeakSet()
+
+
+def close_all() -> None:
+    """GradSync.close() on every live instance (the trainer's exit path, before destroy_process_group)."""
+    for sync in list(_LIVE):
+        sync.close()
+
+
 class GradSync:
     """Bucketed, overlapped gradient reduce-scatter for the sharded optimizers.
 
@@ -122,6 +132,7 @@ class GradSync:
             raise ValueError(f"bucket_bytes: expected an int >= 1, got {bucket_bytes!r}")
         self.rank, self.world_size = world()
         self.bucket_bytes, self.overlap = bucket_bytes, overlap
+        _LIVE.add(self)
         self._requests: list[tuple] = []     # (owner, group, params, by_matrix)
         self.buckets: list[Bucket] = []
         self._where: dict[torch.nn.Parameter, tuple[Bucket, int]] = {}
@@ -269,7 +280,10 @@ class GradSync:
 
     def _wait_loop(self) -> None:
         while True:
-            bucket, work = self._waiter_queue.get()
+            item = self._waiter_queue.get()
+            if item is None:  # close()
+                return
+            bucket, work = item
             try:
                 work.wait()
             except Exception:  # noqa: BLE001 - the main thread's wait() reports the failure
@@ -330,6 +344,17 @@ class GradSync:
         total += cur_hi - cur_lo
         exposed = max(0.0, max(hi for _, hi in spans) - to_ms(self.t_backward_end))
         return {"comm_total_ms": total, "comm_exposed_ms": exposed}
+
+    def close(self) -> None:
+        """Stop the timer thread (gloo) after the works it waits on; call before destroying the process group.
+
+        A thread still inside a collective's wait when the interpreter shuts down can abort the
+        process at exit ("terminate called without an active exception"), after all its work is done.
+        """
+        if self._waiter is not None:
+            self._waiter_queue.put(None)
+            self._waiter.join(timeout=60)
+            self._waiter = None
 
     def remove_hooks(self) -> None:
         for h in self._hooks:

@@ -40,6 +40,7 @@ from speedrun.checkpoint import RunDir, SetupError, checkpoint_state, close_all,
     restore, write_text_durably
 from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
+from speedrun.grad_sync import close_all as close_grad_syncs
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
 from speedrun.model import GPT
 
@@ -618,6 +619,7 @@ def main(argv=None) -> int:
                     rank_prefix=False)
     finally:
         close_all()  # the run directory's lock
+        close_grad_syncs()  # the gloo timer threads, before the process group goes
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -122,7 +122,9 @@ def test_sigkill_part_way_keeps_the_finished_stages(tmp_path):
     results.mkdir()
     (results / "README.md").write_text("# results\n\nNewest: none yet\n")
     readme.write_text("# top\n\nNewest GPU run: none yet\n")
-    dest = collect_results.collect(out, name="partial", results=results, top_readme=readme)
+    table = tmp_path / "tuned_configs.py"
+    dest = collect_results.collect(out, name="partial", results=results, top_readme=readme, freeze_table=table)
+    assert not table.exists()  # a dry run measures no tile table
     assert {"summary.md", "env.txt", "proof.md", "proof.json"} <= {p.name for p in dest.iterdir()}
     assert "Newest: [partial](partial/summary.md)" in (results / "README.md").read_text()
     assert "Newest GPU run: [partial](results/partial/summary.md)" in readme.read_text()
@@ -131,3 +133,20 @@ def test_sigkill_part_way_keeps_the_finished_stages(tmp_path):
 def test_collect_results_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="gpu_check OUTDIR"):
         collect_results.collect(tmp_path, results=tmp_path)
+
+
+def test_collect_results_freezes_a_measured_tile_table(tmp_path):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    logs.mkdir()
+    (out / "env.txt").write_text("date: 2026-12-01T10:00:00+00:00\ngpu: NVIDIA H200\n")
+    (logs / "tuned_configs.py").write_text("MEASURED = True\nCONFIGS = {}\n")
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        tar.add(logs, arcname="logs")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "README.md").write_text("Newest: none yet\n")
+    table = tmp_path / "tuned_configs.py"
+    dest = collect_results.collect(out, results=results, top_readme=tmp_path / "absent.md", freeze_table=table)
+    assert dest.name == "2026-12-01_NVIDIA-H200"
+    assert table.read_text() == "MEASURED = True\nCONFIGS = {}\n"

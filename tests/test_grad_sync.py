@@ -20,6 +20,7 @@ import torch.distributed as dist
 import kernels.muon as muon_mod
 from kernels.muon import Muon
 from oracles import PlainMuon
+from speedrun import grad_sync
 from speedrun.grad_sync import GradSync
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
 
@@ -126,6 +127,7 @@ def _worker(rank, world_size, store_path, out_dir, mode, bucket_bytes, overlap):
                   "n_buckets": len(sync.buckets), "states": states, "timings": sync.timings()}
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        grad_sync.close_all()
         if dist.is_initialized():
             dist.destroy_process_group()
 
