@@ -35,14 +35,19 @@ def _target_parts(targets: torch.Tensor, num_classes: int, ignore_index: int):
 
 
 def softcapped(logits: torch.Tensor, softcap: float, logit_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, t) with t = tanh(logit_scale·logits/softcap), z = softcap·t; NaN wherever a logit is not finite.
+    """(z, t) with t = tanh(logit_scale·logits/softcap), z = softcap·t."""
+    t = torch.tanh(logits * (logit_scale / softcap))
+    return softcap * t, t
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[N] bool: rows holding ±inf, in one read pass (no [N, V] temporary).
 
     tanh saturates at ±inf, which would turn an infinite logit into the finite z = ±softcap: a
-    non-finite input must give a non-finite loss.
+    non-finite input must give a non-finite loss. NaN needs no check (it survives tanh).
     """
-    t = torch.tanh(logits * (logit_scale / softcap))
-    t = torch.where(torch.isfinite(logits), t, float("nan"))
-    return softcap * t, t
+    lo, hi = torch.aminmax(logits, dim=-1)
+    return (hi == float("inf")) | (lo == float("-inf"))
 
 
 def reference_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: float, logit_scale: float,
@@ -53,7 +58,8 @@ def reference_forward(logits: torch.Tensor, targets: torch.Tensor, softcap: floa
     (possible only with the target check switched off).
     """
     z, _t = softcapped(logits.to(_compute_dtype(logits.dtype)), softcap, logit_scale)
-    lse = torch.logsumexp(z, dim=-1)
+    # A row with an infinite logit gets a NaN lse, so its loss and (through exp(z - lse)) its gradient are NaN.
+    lse = torch.where(nonfinite_rows(logits), float("nan"), torch.logsumexp(z, dim=-1))
     valid, in_range, safe_targets = _target_parts(targets, logits.size(-1), ignore_index)
     target_z = z.gather(-1, safe_targets[:, None]).squeeze(-1)
     row_loss = torch.where(valid, torch.where(in_range, lse - target_z, float("nan")), 0.0)
@@ -64,7 +70,8 @@ def reference_backward(row_grad: torch.Tensor, logits: torch.Tensor, targets: to
                        softcap: float, logit_scale: float, ignore_index: int) -> torch.Tensor:
     """d(sum_r row_grad[r]·row_loss[r]) / d(logits), in the compute dtype (fp32 or float64).
 
-    Rows with a NaN loss (a non-finite logit, an out-of-range target) get a NaN gradient.
+    Rows with a NaN loss (a non-finite logit, whose lse the forward made NaN, an out-of-range target)
+    get a NaN gradient.
     """
     z, t = softcapped(logits.to(lse.dtype), softcap, logit_scale)
     valid, in_range, safe_targets = _target_parts(targets, logits.size(-1), ignore_index)
