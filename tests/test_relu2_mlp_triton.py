@@ -255,6 +255,15 @@ def test_config_table_covers_speedrun_shapes(T, D, epilogue):
     assert set(impl.CONFIG_KEYS) <= set(cfg)
 
 
+def test_tma_path_only_for_views_a_descriptor_can_address():
+    base = torch.zeros(64, 776, dtype=torch.bfloat16)
+    assert impl._tma_ok(base[:, :768])                      # row stride 776·2 B: 16-byte multiple
+    assert not impl._tma_ok(base[:, 1:769])                 # base 2 bytes off alignment
+    assert not impl._tma_ok(torch.zeros(64, 766, dtype=torch.bfloat16))  # row stride 1532 B
+    assert not impl._tma_ok(base.t())                       # inner stride not 1
+    assert not impl._tma_ok(torch.zeros(1, 768, dtype=torch.bfloat16).expand(64, 768))  # rows overlap
+
+
 def test_bad_arguments_name_the_argument():
     x = torch.zeros(5, 8, dtype=torch.bfloat16)
     w_fc = torch.zeros(12, 8, dtype=torch.bfloat16)

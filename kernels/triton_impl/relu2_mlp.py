@@ -203,9 +203,13 @@ def _alloc(shape, dtype, device):
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A 2-D view a TMA descriptor can address: unit inner stride, 16-byte aligned base and row stride."""
+    """A 2-D view a TMA descriptor can address: unit inner stride, 16-byte aligned base and row stride.
+
+    Rows must not overlap (a broadcast view has row stride 0): such views take the pointer path.
+    """
     elt = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * elt) % 16 == 0 and t.data_ptr() % 16 == 0 and t.size(1) * elt >= 16
+    return (t.stride(1) == 1 and t.stride(0) >= t.size(1) and (t.stride(0) * elt) % 16 == 0
+            and t.data_ptr() % 16 == 0 and t.size(1) * elt >= 16)
 
 
 def _max_offset(t: torch.Tensor) -> int:
