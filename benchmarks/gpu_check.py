@@ -83,7 +83,8 @@ class Check:
         self.logs.mkdir()
         self.status: list[dict] = []
         self.python = os.environ.get("PYTHON") or sys.executable
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1",
+        # Offline pip: no index, and no self-version check (a network call) at the end of the build.
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
                         KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
         self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
         if dry_run:
