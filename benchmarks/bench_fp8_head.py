@@ -289,6 +289,13 @@ def _stages(backend, device):
     return impl.CudaStages(device)
 
 
+def _raiser(exc: BaseException):
+    """A provider that fails with ``exc`` (a setup error), so that the harness records it as failed."""
+    def fn():
+        raise exc
+    return fn
+
+
 def run_ce(ctx) -> None:
     """The CE kernel on one chunk of bf16 logits; the target is absolute (2.5 TB/s), so its fraction of this
     device's datasheet HBM bandwidth is what the harness compares."""
@@ -324,7 +331,11 @@ def run_ce(ctx) -> None:
         if reason is not None:
             providers[backend] = reason
             continue
-        stages = _stages(backend, ctx.device)
+        try:
+            stages = _stages(backend, ctx.device)
+        except Exception as exc:  # noqa: BLE001 - a failed record for this provider, not the end of the script
+            providers[backend] = _raiser(exc)
+            continue
         loss_buf = torch.empty(C, device=ctx.device)
         lse_buf = torch.empty(C, device=ctx.device)
         dl_buf = torch.empty(C, V, dtype=torch.float8_e5m2, device=ctx.device)
@@ -371,11 +382,16 @@ def run_stages(ctx) -> None:
     xs, ws, gs_f = scales_for(D)
     for backend in ("triton", "cuda"):
         reason = ctx.unavailable("fp8_head", backend)
-        stages = None if reason else _stages(backend, ctx.device)
+        stages, setup_error = None, None
+        if not reason:
+            try:
+                stages = _stages(backend, ctx.device)
+                x8, x8t, xs_t = stages.quantize(x, xs, (T, D), (D, T), True)
+                w8, w8t, ws_t = stages.quantize(w, ws, (V, D), (D, V), False)
+            except Exception as exc:  # noqa: BLE001 - each stage becomes a failed record instead
+                stages, setup_error = None, exc
         bufs = {}
         if stages is not None:
-            x8, x8t, xs_t = stages.quantize(x, xs, (T, D), (D, T), True)
-            w8, w8t, ws_t = stages.quantize(w, ws, (V, D), (D, V), False)
             gs = torch.tensor(gs_f, device=ctx.device)
             g0 = torch.tensor(1.0, device=ctx.device)
             bufs = dict(logits=torch.empty(C, V, dtype=torch.bfloat16, device=ctx.device),
@@ -403,8 +419,9 @@ def run_stages(ctx) -> None:
                                            C * V + C * D + 4 * 4 * V * D),
             }
         else:
+            fn = None if setup_error is None else _raiser(setup_error)  # failed records, with its message
             stage_fns = dict.fromkeys(("quantise x+W", "logits GEMM", "CE", "transpose dl", "dx GEMM",
-                                       "dW GEMM (accumulating)"), (None, None, None))
+                                       "dW GEMM (accumulating)"), (fn, None, None))
         for stage, (fn, flops, nbytes) in stage_fns.items():
             shape = {"C": C, "D": D, "V": V, "stage": stage}
             if fn is None:

@@ -83,7 +83,8 @@ class Check:
         self.logs.mkdir()
         self.status: list[dict] = []
         self.python = os.environ.get("PYTHON") or sys.executable
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1",
+        # Offline pip: no index, and no self-version check (a network call) at the end of the build.
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
                         KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
         self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
         if dry_run:
@@ -120,14 +121,21 @@ class Check:
 
     @staticmethod
     def wait(proc: subprocess.Popen, timeout: float) -> int | None:
-        """The exit code, or None after killing the process group at the timeout."""
+        """The exit code, or None after killing the process group at the timeout.
+
+        Descendants that moved to a session of their own (run_all starts each script with
+        start_new_session=True) are not in the group: they are found through /proc first and
+        killed too, so that no orphan keeps the GPU busy during the next stage.
+        """
         try:
             return proc.wait(timeout=max(0.1, timeout))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            stray = _descendants(proc.pid)
+            for kill, target in ((os.killpg, proc.pid), *((os.kill, pid) for pid in stray)):
+                try:
+                    kill(target, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             proc.wait()
             return None
 
@@ -191,19 +199,32 @@ info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "MI
 info["capability"] = ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else None
 print(json.dumps(info))
 """
-        res = subprocess.run(self.py("-c", probe), cwd=ROOT, env=self.env, capture_output=True, text=True,
-                             timeout=max(5.0, self.limit_for("env")))
+        # A cold first import of torch plus CUDA initialisation can take longer than the stage's
+        # cap (9 s at a 300 s budget): at least 30 s, and a timeout is a finding, not a crash.
         try:
-            info = json.loads(res.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            info = {"probe_error": res.stderr[-2000:]}
+            res = subprocess.run(self.py("-c", probe), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                                 timeout=max(30.0, self.limit_for("env")))
+            try:
+                info = json.loads(res.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                info = {"probe_error": res.stderr[-2000:]}
+            probe_rc = res.returncode
+        except subprocess.TimeoutExpired:
+            info, probe_rc = {"probe_error": "the version probe timed out (import torch / CUDA init)"}, None
         self.info = info
-        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+        def text_of(cmd: list[str], **kw) -> str | None:
+            try:
+                return subprocess.run(cmd, capture_output=True, text=True, timeout=30, **kw).stdout
+            except (OSError, subprocess.SubprocessError) as e:
+                return f"failed: {type(e).__name__}: {e}"
+
+        smi = text_of(["nvidia-smi"]) if shutil.which("nvidia-smi") else None
+        commit = (text_of(["git", "rev-parse", "HEAD"], cwd=ROOT) or "").strip()
         lines = [f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
                  f"commit: {commit or 'unknown'}", f"dry_run: {self.dry_run}", f"budget_s: {self.budget_s:.0f}",
                  *(f"{k}: {v}" for k, v in info.items()), "", "nvidia-smi:",
-                 smi.stdout if smi is not None else "not found"]
+                 smi if smi is not None else "not found"]
         self.publish("env.txt", "\n".join(lines).encode())
         # The build runs behind the next stage; the proof stage waits for it.
         log = self.logs / "build.log"
@@ -214,8 +235,8 @@ print(json.dumps(info))
             cmd = self.py("-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", ".")
         self.build, self.build_started = self.spawn(cmd, log), time.monotonic()
         missing = [k for k, v in info.items() if isinstance(v, str) and v.startswith("MISSING")]
-        self.finish_stage("env", started, 0 if res.returncode == 0 else res.returncode,
-                          f"missing: {', '.join(missing)}" if missing else "")
+        self.finish_stage("env", started, probe_rc, f"missing: {', '.join(missing)}" if missing else
+                          (info["probe_error"][-200:] if "probe_error" in info else ""))
 
     def bench_scripts(self) -> list[str]:
         """The kernel families' benchmark scripts (a dry run takes the two quickest: it checks plumbing)."""
@@ -228,39 +249,44 @@ print(json.dumps(info))
     def size_args(self) -> list[str]:
         return ["--smoke", "--device", "cpu"] if self.dry_run else []
 
-    def synthetic_data(self) -> Path:
-        """Synthetic shards for the record preset's shapes (a few seconds), made once."""
+    def synthetic_data(self, deadline: float | None = None) -> Path:
+        """Synthetic shards for the record preset's shapes (a few seconds), made once (by the deadline)."""
         data = self.work / "synthetic"
-        if not data.exists():
+        if not (data / "synthetic_source.json").exists():  # written last: a killed run leaves none
             steps = int(os.environ.get("GPU_CHECK_TRAIN_STEPS", "10"))
             train_tokens = 4096 if self.dry_run else (steps + 4) * RECORD_BATCH_TOKENS
             val_tokens = 4096 if self.dry_run else 5 * RECORD_SEQ_LEN
+            limit = 120.0 if deadline is None else min(120.0, max(1.0, deadline - time.monotonic()))
             self.run(self.py("-m", "speedrun.data", "synthetic", "--dir", str(data), "--train_tokens",
-                             str(train_tokens), "--val_tokens", str(val_tokens)), self.logs / "synthetic.log", 120)
+                             str(train_tokens), "--val_tokens", str(val_tokens)), self.logs / "synthetic.log", limit)
         return data
 
-    def trainer_cmd(self, backend: str, steps: int, out: Path) -> list[str]:
-        data = self.synthetic_data()
+    def trainer_cmd(self, backend: str, steps: int, out: Path, data: Path | None = None) -> list[str]:
+        data = data or self.synthetic_data()
         if self.dry_run:
             return self.py("-m", "speedrun.train_gpt", "--preset", "smoke", "--backend", "reference", "--steps",
                            str(steps), "--data", str(data), "--out", str(out))
         # Validation in training-sized passes: the same shapes, so it reuses the training compile.
+        # A line (and log.jsonl entries) every step: a run killed at its limit still shows its steps.
         return self.py("-m", "speedrun.train_gpt", "--preset", "record", "--backend", backend, "--steps", str(steps),
                        "--data", str(data), "--out", str(out), f"--val_seq_len={RECORD_SEQ_LEN}",
-                       f"--val_tokens={4 * RECORD_SEQ_LEN}", "--val_at_start=false", f"--val_every={steps}")
+                       f"--val_tokens={4 * RECORD_SEQ_LEN}", "--val_at_start=false", f"--val_every={steps}",
+                       "--log_every=1")
 
     def stage_warm(self) -> None:
         started, limit = time.monotonic(), self.limit_for("warm")
         if limit < 5:
             return self.skip_stage("warm", "no time left")
+        deadline = time.monotonic() + limit  # the synthetic data below is written inside the stage's limit
         ceilings = self.work / "warm_ceilings.json"  # skips the ceiling measurement: nothing is timed here
         ceilings.write_text(json.dumps({"device": "warm-up", "measured": {}, "datasheet": None, "notes": []}))
         procs = {name: self.spawn(self.py("-m", f"benchmarks.{name}", "--proof", "--warm", "--no-report",
                                           "--ceilings", str(ceilings), *self.size_args()),
                                   self.logs / f"warm_{name}.log") for name in self.bench_scripts()}
-        procs["trainer"] = self.spawn(self.trainer_cmd("triton", 1, self.work / "train_warm"),
+        # One warm-up step and one step: both compilations (and the validation's) without 10 untimed steps.
+        cmd = self.trainer_cmd("triton", 1, self.work / "train_warm", self.synthetic_data(deadline))
+        procs["trainer"] = self.spawn(cmd + ([] if self.dry_run else ["--warmup_steps=1"]),
                                       self.logs / "warm_trainer.log")
-        deadline = time.monotonic() + limit
         codes = {name: self.wait(p, deadline - time.monotonic()) for name, p in procs.items()}
         bad = {n: c for n, c in codes.items() if c != 0}
         self.finish_stage("warm", started, 0 if not bad else (None if None in bad.values() else 1),
@@ -392,6 +418,14 @@ print(json.dumps(info))
     # -- summary -------------------------------------------------------------------------
 
     def summary(self) -> str:
+        try:
+            return self._summary()
+        except Exception as e:  # noqa: BLE001 - the stage table must reach OUTDIR whatever a section does
+            return ("# gpu_check summary\n\n(summary failed: " + f"{type(e).__name__}: {e}"[:300] + ")\n\n"
+                    + "\n".join(f"- {s['stage']}: {s['status']} in {s['seconds']} s {s['note']}" for s in self.status)
+                    + "\n")
+
+    def _summary(self) -> str:
         info = getattr(self, "info", {})
         lines = ["# gpu_check summary", "",
                  f"- device: {info.get('gpu', '?')} (capability {info.get('capability')}); torch {info.get('torch')}, "
@@ -476,7 +510,18 @@ print(json.dumps(info))
         print(f"[gpu_check] {'dry run, ' if self.dry_run else ''}budget {self.budget_s:.0f} s, out {self.out}, "
               f"work {self.work}", flush=True)
         for name in ("env", "warm", "proof", "tests", "bench", "train", "extra"):
-            getattr(self, f"stage_{name}")()
+            started = time.monotonic()
+            try:
+                getattr(self, f"stage_{name}")()
+            except Exception as e:  # noqa: BLE001 - a bug here must not cost the later stages' evidence
+                import traceback
+                (self.logs / f"gpu_check_{name}_error.log").write_text(traceback.format_exc())
+                print(f"[gpu_check] {name}: raised {type(e).__name__}: {e}", flush=True)
+                if not any(s["stage"] == name for s in self.status):
+                    try:
+                        self.finish_stage(name, started, "error", f"gpu_check raised {type(e).__name__}: {e}"[:200])
+                    except Exception:  # noqa: BLE001 - e.g. OUTDIR itself failing: the next stage tries again
+                        pass
         if self.build is not None:  # never waited for (the proof stage was skipped)
             self.wait(self.build, 1)
         print(self.summary(), flush=True)
@@ -484,6 +529,23 @@ print(json.dumps(info))
               f"after {self.elapsed():.0f} s", flush=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return 0 if all(s["status"] in ("ok", "skipped") for s in self.status) else 1
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (through /proc; [] where there is none), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def has_gpu(python: str) -> bool:
