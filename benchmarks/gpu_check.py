@@ -293,17 +293,18 @@ print(json.dumps(info))
                           ", ".join(f"{n}: {'timeout' if c is None else f'rc={c}'}" for n, c in bad.items()))
 
     def stage_proof(self) -> None:
-        started = time.monotonic()
+        started, stage_limit = time.monotonic(), self.limit_for("proof")
         note = ""
         if self.build is not None:
-            rc = self.wait(self.build, max(5.0, self.limit_for("proof") / 3))
+            rc = self.wait(self.build, max(5.0, stage_limit / 3))
             note = f"build {'finished' if rc == 0 else ('killed at its limit' if rc is None else f'rc={rc}')} " \
                    f"after {time.monotonic() - self.build_started:.0f} s; "
             self.build = None
             record = ROOT / "kernels" / "_cuda_build.json"
             if record.exists():
                 shutil.copyfile(record, self.logs / "_cuda_build.json")
-        limit = self.limit_for("proof")
+        # The build wait is part of the stage's time, so the later stages keep theirs.
+        limit = min(self.limit_for("proof"), stage_limit - (time.monotonic() - started))
         if limit < 10:
             return self.skip_stage("proof", note + "no time left")
         records = self.out / "proof.jsonl"

@@ -315,7 +315,10 @@ def write_table(table: dict, device_name: str) -> None:
     body = (f"MEASURED = True\nDEVICE = {device_name!r}\n"
             f"DATE = {datetime.date.today().isoformat()!r}\nTRITON = {triton.__version__!r}\n\n"
             f"TABLE = {pprint.pformat(table, width=110, sort_dicts=True)}\n")
-    TABLE_PATH.write_text(head + body)
+    # gpu_check may kill the tuner at its limit: a half-written table would break every import of kernels.
+    tmp = TABLE_PATH.with_suffix(".py.tmp")
+    tmp.write_text(head + body)
+    os.replace(tmp, TABLE_PATH)
     print(f"wrote {TABLE_PATH}")
 
 
