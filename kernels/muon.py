@@ -64,18 +64,12 @@ def update_scale(rows: int, cols: int) -> float:
     return max(1.0, rows / cols) ** 0.5
 
 
-def canonical_shape(rows: int, cols: int) -> tuple[int, int, bool]:
-    """(m, n, transposed): the wide orientation m <= n the batch runs in, and whether [rows, cols] is its transpose."""
-    return (cols, rows, True) if rows > cols else (rows, cols, False)
-
-
 def batch_key(group: dict, rows: int, cols: int, device: torch.device) -> tuple:
-    """Matrices with equal keys are orthogonalised in one newton_schulz call."""
+    """Matrices with equal keys are orthogonalised in one newton_schulz call (the wide shape m <= n first)."""
     coefficients = group["coefficients"]
     if not isinstance(coefficients, str):
         coefficients = tuple(tuple(abc) for abc in coefficients)
-    m, n, _ = canonical_shape(rows, cols)
-    return m, n, device, group["ns_steps"], coefficients, group["backend"]
+    return min(rows, cols), max(rows, cols), device, group["ns_steps"], coefficients, group["backend"]
 
 
 def as_wide(u: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -84,14 +78,20 @@ def as_wide(u: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return u.mT if rows > cols else u
 
 
-def orthogonalize(wide: torch.Tensor, group: dict) -> torch.Tensor:
-    """newton_schulz of a [B, m, n] batch (m <= n) with the group's settings."""
-    return _newton_schulz(wide, group["ns_steps"], group["coefficients"], group["backend"])
+def orthogonalize(updates: list[torch.Tensor], group: dict) -> tuple[torch.Tensor, ...]:
+    """newton_schulz of one batch key's [k_i, m, n] updates (m <= n): ONE call on their stack, split back."""
+    ortho = _newton_schulz(torch.cat(updates), group["ns_steps"], group["coefficients"], group["backend"])
+    return ortho.split([u.size(0) for u in updates])
 
 
-def add_update(target: torch.Tensor, ortho_wide: torch.Tensor, rows: int, cols: int, alpha: float) -> None:
-    """target (a [..., rows, cols] parameter or shard) += alpha·ortho; ortho [k, m, n] in the canonical orientation."""
+def add_update(target: torch.Tensor, ortho_wide: torch.Tensor, lr: float) -> None:
+    """target (a [..., rows, cols] parameter or shard) -= lr·update_scale(rows, cols)·ortho.
+
+    ortho_wide: [k, m, n], the canonical orientation (as_wide) of target's k matrices.
+    """
+    rows, cols = target.shape[-2:]
     o = (ortho_wide.mT if rows > cols else ortho_wide).to(target.dtype)
+    alpha = -lr * update_scale(rows, cols)
     if target.is_contiguous():
         target.view(o.shape).add_(o, alpha=alpha)
     else:
@@ -165,17 +165,13 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 u = momentum_update(g, buf, group["momentum"], group["nesterov"])
                 rows, cols = p.shape[-2:]
-                batches.setdefault(batch_key(group, rows, cols, p.device), []).append((p, group, u))
+                batches.setdefault(batch_key(group, rows, cols, p.device), []).append(
+                    (p, group, as_wide(u, rows, cols)))
 
         for items in batches.values():
-            wide = [as_wide(u, *p.shape[-2:]) for p, _, u in items]
-            ortho = orthogonalize(torch.cat(wide), items[0][1])  # [Σ k, m, n]: one call
-            start = 0
-            for (p, group, _), w in zip(items, wide):
-                rows, cols = p.shape[-2:]
-                add_update(p, ortho[start: start + w.size(0)], rows, cols,
-                           -group["lr"] * update_scale(rows, cols))
-                start += w.size(0)
+            orthos = orthogonalize([w for *_, w in items], items[0][1])  # one call per key
+            for (p, group, _), o in zip(items, orthos):
+                add_update(p, o, group["lr"])
         return loss
 
     def load_state_dict(self, state_dict):

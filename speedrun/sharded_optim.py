@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.muon import add_update, as_wide, batch_key, check_hyper, momentum_update, orthogonalize, update_scale
+from kernels.muon import add_update, as_wide, batch_key, check_hyper, momentum_update, orthogonalize
 from speedrun.grad_sync import GradSync, all_gather
 
 
@@ -256,20 +256,16 @@ class ShardedMuon(_Sharded):
                 state = self._shard_state[bucket.index] = {"momentum_buffer": torch.zeros_like(g)}
             update = momentum_update(g, state["momentum_buffer"], group["momentum"], group["nesterov"])
             real = self._real_units(bucket)
-            pending.setdefault(key, []).append((bucket, group, real, as_wide(update[:real], rows, cols)))
+            pending.setdefault(key, []).append((bucket, group, as_wide(update[:real], rows, cols)))
             if last[key] != i:
                 continue
             members = pending.pop(key)
             wide = [w for *_, w in members]
-            ortho = orthogonalize(torch.cat(wide), members[0][1]) if sum(w.size(0) for w in wide) else None
-            start = 0
-            for member, group_m, real_m, _ in members:
-                rows_m, cols_m = member.params[0].shape[-2:]
+            orthos = orthogonalize(wide, members[0][1]) if sum(w.size(0) for w in wide) else wide  # all empty
+            for (member, group_m, w), o in zip(members, orthos):
                 param = self._param_shard(member)
-                if real_m:
-                    add_update(param.view(-1, rows_m, cols_m)[:real_m], ortho[start: start + real_m], rows_m,
-                               cols_m, -group_m["lr"] * update_scale(rows_m, cols_m))
-                start += real_m
+                if w.size(0):
+                    add_update(param.view(-1, *member.params[0].shape[-2:])[:w.size(0)], o, group_m["lr"])
                 gathers.append((member, *self._gather(member, param)))
         for bucket, full, work in gathers:
             if work is not None:
