@@ -67,18 +67,23 @@ class _Sharded(torch.optim.Optimizer):
     def _update(self, bucket, group, grad: torch.Tensor, param: torch.Tensor) -> None:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update_buckets(self) -> list:
+        """Update this rank's shard of every bucket in launch order; [(bucket, full, work)] of the gathers started."""
         gathers = []
         for bucket in self.grad_sync.buckets_of(self):
             grad = self.grad_sync.wait(bucket)
             param = self._param_shard(bucket)
             self._update(bucket, self.param_groups[bucket.group], grad, param)
             gathers.append((bucket, *self._gather(bucket, param)))
+        return gathers
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathers = self._update_buckets()
         for bucket, full, work in gathers:
             if work is not None:
                 work.wait()
@@ -232,12 +237,7 @@ class ShardedMuon(_Sharded):
         per_rank = bucket.shard_numel // bucket.unit
         return max(0, min(per_rank, units - bucket.shard_start // bucket.unit))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _update_buckets(self) -> list:
         # Buckets of one batch key share one newton_schulz call. The buckets are walked in launch
         # order, each waited for only when reached; a key is orthogonalised (and its buckets'
         # gathers started) as soon as its last bucket has been reached.
@@ -267,8 +267,4 @@ class ShardedMuon(_Sharded):
                 if w.size(0):
                     add_update(param.view(-1, *member.params[0].shape[-2:])[:w.size(0)], o, group_m["lr"])
                 gathers.append((member, *self._gather(member, param)))
-        for bucket, full, work in gathers:
-            if work is not None:
-                work.wait()
-            self._scatter_back(bucket, full)
-        return loss
+        return gathers
