@@ -335,10 +335,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("tuning needs a CUDA device (use --resources for the compile report)", file=sys.stderr)
         return 2
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from kernels.triton_impl import tuned_configs
+    from kernels.triton_impl._tiles import interpreting
+    if interpreting():
         print("unset TRITON_INTERPRET to tune on the GPU", file=sys.stderr)
         return 2
-    from kernels.triton_impl import tuned_configs
     table = {k: dict(v) for k, v in tuned_configs.TABLE.items()}
     table = tune(table, args.only, args.quick)
     if args.write:
