@@ -11,9 +11,8 @@ import math
 import pytest
 import torch
 
-from oracles import f64_newton_schulz, sm90_resource_report
+from oracles import QUINTIC, f64_newton_schulz, sm90_resource_report
 
-QUINTIC = (3.4445, -4.7750, 2.0315)
 BF16_HALF_ULP = 2.0**-8  # relative rounding error bound of one bf16 rounding
 FP32_ACC = 1e-5          # bound on fp32 accumulation error relative to sum |terms| (k <= a few thousand)
 
