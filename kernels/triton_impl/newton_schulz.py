@@ -51,6 +51,8 @@ Order: kernels -> configuration -> launchers (public: normalize, sym_xxt, sym_po
 -> forward (the backend entry point).
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -625,7 +627,9 @@ def forward(G: torch.Tensor, coefficients, norm_scale: float, eps: float) -> tor
 
     coefficients: one (a, b, c) per step. Arguments arrive validated from kernels.newton_schulz.
     """
-    return _iterate(G, coefficients, norm_scale, eps, torch.empty_like(G))
+    # Triton launches on the current device: G may live on another one.
+    with torch.cuda.device(G.device) if G.device.type == "cuda" else contextlib.nullcontext():
+        return _iterate(G, coefficients, norm_scale, eps, torch.empty_like(G))
 
 
 def step_configs(batch: int, m: int, n: int, device: torch.device, sms: int | None = None) -> dict:
