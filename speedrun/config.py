@@ -128,8 +128,6 @@ class Config:
              f"expected a multiple of val_seq_len={self.val_seq_len} (validation is whole sequences)")
         need(self.compile in COMPILE_CHOICES, "compile", f"expected one of {', '.join(COMPILE_CHOICES)}")
         need(self.warmup_steps >= -1, "warmup_steps", "expected >= 0, or -1 (auto)")
-        need(self.bucket_mb > 0, "bucket_mb", "expected > 0")
-        need(self.dist_timeout_s > 0, "dist_timeout_s", "expected > 0")
         return self
 
     def compile_backend(self, device_type: str) -> str | None:
