@@ -215,11 +215,16 @@ def check_fields(cfg) -> None:
             raise ValueError(f"--{name}: {RANGES[name][1]}, got {v!r}")
     if cfg.synthetic:
         try:
-            SyntheticSpec(seed=cfg.synth_seed, vocab=cfg.synth_vocab, order=cfg.synth_order,
-                          branching=cfg.synth_branching, mean_doc_len=cfg.synth_doc_len,
-                          train_tokens=cfg.synth_train_tokens, val_tokens=cfg.synth_val_tokens)
+            synthetic_spec(cfg)
         except ValueError as e:
             raise ValueError(f"--synth_*: {e}") from None
+
+
+def synthetic_spec(cfg) -> SyntheticSpec:
+    """The synthetic corpus of a config's synth_* fields (SyntheticSpec checks them)."""
+    return SyntheticSpec(seed=cfg.synth_seed, vocab=cfg.synth_vocab, order=cfg.synth_order,
+                         branching=cfg.synth_branching, mean_doc_len=cfg.synth_doc_len,
+                         train_tokens=cfg.synth_train_tokens, val_tokens=cfg.synth_val_tokens)
 
 
 def check_device(cfg, device) -> None:

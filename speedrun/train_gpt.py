@@ -38,7 +38,7 @@ import kernels
 from speedrun import data
 from speedrun.checkpoint import RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
     restore, write_text_durably
-from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides
+from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides, synthetic_spec
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
 from speedrun.grad_sync import close_all as close_grad_syncs
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
@@ -141,13 +141,6 @@ def setup_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
         dist.init_process_group("gloo", timeout=timeout)
     rank, world_size = world()
     return rank, world_size, device
-
-
-def synthetic_spec(cfg) -> data.SyntheticSpec:
-    return data.SyntheticSpec(seed=cfg.synth_seed, vocab=cfg.synth_vocab, order=cfg.synth_order,
-                              branching=cfg.synth_branching,
-                              mean_doc_len=cfg.synth_doc_len, train_tokens=cfg.synth_train_tokens,
-                              val_tokens=cfg.synth_val_tokens)
 
 
 def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | None]:
