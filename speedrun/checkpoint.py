@@ -120,14 +120,15 @@ def _write_temp(tmp: Path, save) -> None:
         raise
 
 
-def write_durably(path, save) -> None:
-    """Write ``path`` by ``save(file)``: into path.tmp, fsync it, os.replace it over path, fsync the directory.
+def write_durably(path, save, tmp=None) -> None:
+    """Write ``path`` by ``save(file)``: into ``tmp`` (default path.tmp), fsync it, os.replace it over
+    path, fsync the directory.
 
     On any failure the temp file is deleted and ``path`` is untouched; a full disk raises
     SetupError("no space left on ..."), any other write error the OSError itself.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
     try:
         _write_temp(tmp, save)
         os.replace(tmp, path)
