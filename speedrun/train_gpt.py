@@ -162,10 +162,11 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
     return train_files, val_files, data.read_source_info(data_dir)  # None unless a synthetic corpus
 
 
-def data_identity(val_files, source: dict | None) -> dict:
-    """What, besides the training shards, makes the data of a run: the validation shards, and the spec of
-    the synthetic corpus when the data dir holds one (``source``: its synthetic_source.json)."""
-    return {"val_shards": data.shard_identity(val_files), "synthetic": source["spec"] if source else None}
+def data_identity(val_shards: list, source: dict | None) -> dict:
+    """What, besides the training shards, makes the data of a run: the validation shards
+    (``data.shard_identity``), and the spec of the synthetic corpus when the data dir holds one
+    (``source``: its synthetic_source.json)."""
+    return {"val_shards": val_shards, "synthetic": source["spec"] if source else None}
 
 
 def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], GradSync]:
@@ -344,7 +345,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     broadcast_parameters(model)
     optimizers, grad_sync = build_optimizers(model, cfg)
     stream = data.TokenStream(train_files, cfg.batch_tokens, cfg.seq_len, rank, world_size, cfg.vocab_size,
-                              identity=data_identity(val_files, source), allow_data_change=cfg.allow_data_change,
+                              identity=data_identity(val_shards, source), allow_data_change=cfg.allow_data_change,
                               pin_memory=pin)
     step = restore(ckpt, model, optimizers, stream, world_size, say, resume_path) if ckpt else 0
     start_step = step
