@@ -404,20 +404,13 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     def warm_up(n: int) -> float:
         """n untimed steps (compilation, autotuning, allocator growth), then every state put back as it was."""
         t = time.perf_counter()
-        model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        optimizer_states = [opt.state_dict() for opt in optimizers]  # copies (a collective: gathered shards)
-        stream_state = stream.state_dict()
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        # What a checkpoint holds, put back as a resume would; the optimizer states are copies (a collective:
+        # gathered shards), the weights are copied here (training updates them in place).
+        saved = checkpoint_state(step, model, [opt.state_dict() for opt in optimizers], stream, cfg, world_size)
+        saved["model"] = {k: v.detach().clone() for k, v in saved["model"].items()}
         for _ in range(n):
             train_step(step, inject_nan=False)
-        with torch.no_grad():
-            model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, optimizer_states):
-            opt.load_state_dict(state)
-        stream.load_state_dict(stream_state)
-        torch.set_rng_state(rng[0])
-        if rng[1]:
-            torch.cuda.set_rng_state_all(rng[1])
+        restore(saved, model, optimizers, stream, world_size, say, source="the warm-up's snapshot")
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
