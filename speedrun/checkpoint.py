@@ -394,7 +394,7 @@ class RunDir:
         if threading.current_thread() is threading.main_thread():
             # torchrun and schedulers stop a run with SIGTERM: unwind, so the lock is released
             self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        for name in (CHECKPOINT, PREVIOUS, LOG):
+        for name in RUN_FILES:
             self.out.joinpath(name + ".tmp").unlink(missing_ok=True)  # a killed write's leftovers; we hold the lock
         held = self._held_files()
         resumed_here = resume is not None and self._inside(resume)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import kernels
 from speedrun import data
-from speedrun.checkpoint import RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
+from speedrun.checkpoint import LOG, RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
     restore, write_text_durably
 from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides, synthetic_spec
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
@@ -355,7 +355,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     compile_backend = cfg.compile_backend(device.type)
     run_model = torch.compile(model, dynamic=False, backend=compile_backend) if compile_backend else model
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else (10 if device.type == "cuda" else 0)
-    log = JsonlLog(out / "log.jsonl", step, master)
+    log = JsonlLog(out / LOG, step, master)
     ckpt_path = run_dir.ckpt_path
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -552,7 +552,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
         say(f"final val loss {val_loss:.4f} nats | source entropy {H:.4f} nats/token "
             f"(true model on these val tokens: {source['val_oracle_loss']:.4f}) | gap {val_loss - H:+.4f}")
     if master:
-        where = f"log {out / 'log.jsonl'}"
+        where = f"log {log.path}"
         if cfg.plot:
             from speedrun import plot
             try:
