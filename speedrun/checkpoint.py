@@ -120,14 +120,15 @@ def _write_temp(tmp: Path, save) -> None:
         raise
 
 
-def write_durably(path, save) -> None:
-    """Write ``path`` by ``save(file)``: into path.tmp, fsync it, os.replace it over path, fsync the directory.
+def write_durably(path, save, tmp=None) -> None:
+    """Write ``path`` by ``save(file)``: into ``tmp`` (default path.tmp), fsync it, os.replace it over
+    path, fsync the directory.
 
     On any failure the temp file is deleted and ``path`` is untouched; a full disk raises
     SetupError("no space left on ..."), any other write error the OSError itself.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
     try:
         _write_temp(tmp, save)
         os.replace(tmp, path)
@@ -393,7 +394,7 @@ class RunDir:
         if threading.current_thread() is threading.main_thread():
             # torchrun and schedulers stop a run with SIGTERM: unwind, so the lock is released
             self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        for name in (CHECKPOINT, PREVIOUS, LOG):
+        for name in RUN_FILES:
             self.out.joinpath(name + ".tmp").unlink(missing_ok=True)  # a killed write's leftovers; we hold the lock
         held = self._held_files()
         resumed_here = resume is not None and self._inside(resume)

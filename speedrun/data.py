@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speedrun.checkpoint import fsync_dir
+from speedrun.checkpoint import fsync_dir, write_durably, write_text_durably
 
 MAGIC = 20240520
 VERSION = 1
@@ -58,18 +58,14 @@ def write_shard(path, tokens) -> None:
         raise ValueError(f"tokens: {arr.size} tokens do not fit the header's int32 count")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = (MAGIC, VERSION, arr.size)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers of one shard do not collide
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            f.write(arr.astype(np.uint16).tobytes())
-            f.flush()
-            os.fsync(f.fileno())  # durable before it takes the name: a power cut leaves the old file or the new
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    def save(f):
+        f.write(header.tobytes())
+        f.write(arr.astype(np.uint16).tobytes())
+
+    # durable before it takes the name (a power cut leaves the old file or the new); the temp file is
+    # per process, so two writers of one shard do not collide
+    write_durably(path, save, tmp=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
 
 
 def read_header(path) -> int:
@@ -565,9 +561,7 @@ def ensure_synthetic(data_dir, spec: SyntheticSpec, log=print) -> dict:
         "token_ids": source.token_ids.tolist(),
         "eot": EOT,
     }
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, info_path)
+    write_text_durably(info_path, json.dumps(info, indent=1) + "\n")  # last: it marks the corpus complete
     return info
 
 

@@ -36,9 +36,9 @@ import torch.distributed as dist
 
 import kernels
 from speedrun import data
-from speedrun.checkpoint import RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
+from speedrun.checkpoint import LOG, RunDir, SetupError, checkpoint_state, close_all, load_checkpoint, resume_command, \
     restore, write_text_durably
-from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides
+from speedrun.config import PRESETS, Config, build_config, check_device, parse_overrides, synthetic_spec
 from speedrun.grad_sync import GradSync, all_reduce_mean, broadcast_parameters, world
 from speedrun.grad_sync import close_all as close_grad_syncs
 from speedrun.sharded_optim import ShardedAdam, ShardedMuon
@@ -143,13 +143,6 @@ def setup_distributed(timeout_s: float) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def synthetic_spec(cfg) -> data.SyntheticSpec:
-    return data.SyntheticSpec(seed=cfg.synth_seed, vocab=cfg.synth_vocab, order=cfg.synth_order,
-                              branching=cfg.synth_branching,
-                              mean_doc_len=cfg.synth_doc_len, train_tokens=cfg.synth_train_tokens,
-                              val_tokens=cfg.synth_val_tokens)
-
-
 def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | None]:
     data_dir = Path(cfg.data_dir)
     if cfg.synthetic:
@@ -169,10 +162,11 @@ def prepare_data(cfg, rank: int, say) -> tuple[list[Path], list[Path], dict | No
     return train_files, val_files, data.read_source_info(data_dir)  # None unless a synthetic corpus
 
 
-def data_identity(val_files, source: dict | None) -> dict:
-    """What, besides the training shards, makes the data of a run: the validation shards, and the spec of
-    the synthetic corpus when the data dir holds one (``source``: its synthetic_source.json)."""
-    return {"val_shards": data.shard_identity(val_files), "synthetic": source["spec"] if source else None}
+def data_identity(val_shards: list, source: dict | None) -> dict:
+    """What, besides the training shards, makes the data of a run: the validation shards
+    (``data.shard_identity``), and the spec of the synthetic corpus when the data dir holds one
+    (``source``: its synthetic_source.json)."""
+    return {"val_shards": val_shards, "synthetic": source["spec"] if source else None}
 
 
 def build_optimizers(model: GPT, cfg) -> tuple[list[torch.optim.Optimizer], GradSync]:
@@ -351,7 +345,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     broadcast_parameters(model)
     optimizers, grad_sync = build_optimizers(model, cfg)
     stream = data.TokenStream(train_files, cfg.batch_tokens, cfg.seq_len, rank, world_size, cfg.vocab_size,
-                              identity=data_identity(val_files, source), allow_data_change=cfg.allow_data_change,
+                              identity=data_identity(val_shards, source), allow_data_change=cfg.allow_data_change,
                               pin_memory=pin)
     step = restore(ckpt, model, optimizers, stream, world_size, say, resume_path) if ckpt else 0
     start_step = step
@@ -361,7 +355,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     compile_backend = cfg.compile_backend(device.type)
     run_model = torch.compile(model, dynamic=False, backend=compile_backend) if compile_backend else model
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps >= 0 else (10 if device.type == "cuda" else 0)
-    log = JsonlLog(out / "log.jsonl", step, master)
+    log = JsonlLog(out / LOG, step, master)
     ckpt_path = run_dir.ckpt_path
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -410,20 +404,13 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
     def warm_up(n: int) -> float:
         """n untimed steps (compilation, autotuning, allocator growth), then every state put back as it was."""
         t = time.perf_counter()
-        model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        optimizer_states = [opt.state_dict() for opt in optimizers]  # copies (a collective: gathered shards)
-        stream_state = stream.state_dict()
-        rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        # What a checkpoint holds, put back as a resume would; the optimizer states are copies (a collective:
+        # gathered shards), the weights are copied here (training updates them in place).
+        saved = checkpoint_state(step, model, [opt.state_dict() for opt in optimizers], stream, cfg, world_size)
+        saved["model"] = {k: v.detach().clone() for k, v in saved["model"].items()}
         for _ in range(n):
             train_step(step, inject_nan=False)
-        with torch.no_grad():
-            model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, optimizer_states):
-            opt.load_state_dict(state)
-        stream.load_state_dict(stream_state)
-        torch.set_rng_state(rng[0])
-        if rng[1]:
-            torch.cuda.set_rng_state_all(rng[1])
+        restore(saved, model, optimizers, stream, world_size, say, source="the warm-up's snapshot")
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -565,7 +552,7 @@ def train(cfg, ckpt: dict | None, resume_path: str | None, overwrite: bool = Fal
         say(f"final val loss {val_loss:.4f} nats | source entropy {H:.4f} nats/token "
             f"(true model on these val tokens: {source['val_oracle_loss']:.4f}) | gap {val_loss - H:+.4f}")
     if master:
-        where = f"log {out / 'log.jsonl'}"
+        where = f"log {log.path}"
         if cfg.plot:
             from speedrun import plot
             try:
