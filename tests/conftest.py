@@ -44,3 +44,14 @@ def cuda_device() -> str:
     if not _HAS_GPU:
         pytest.skip("needs a CUDA device")
     return "cuda"
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory):
+    """The smoke preset's synthetic corpus, written once per test module that runs the trainer."""
+    from speedrun import data
+    from speedrun.config import build_config, synthetic_spec
+
+    d = tmp_path_factory.mktemp("smoke_data")
+    data.ensure_synthetic(d, synthetic_spec(build_config("smoke", {})), log=lambda m: None)
+    return d

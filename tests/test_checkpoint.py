@@ -21,23 +21,10 @@ import torch
 
 from speedrun import checkpoint, data
 from speedrun.checkpoint import CHECKPOINT, LOCK, PREVIOUS, RunDir, SetupError
-from speedrun.config import build_config
-from speedrun.train_gpt import _distributed_reason, main, synthetic_spec
+from speedrun.train_gpt import _distributed_reason, main
+from trainer_runs import read_log, run_smoke
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke_data")
-    data.ensure_synthetic(d, synthetic_spec(build_config("smoke", {})), log=lambda m: None)
-    return d
-
-
-def _run(capsys, *args):
-    code = main(["--preset", "smoke", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _resume(capsys, path, *args):
@@ -46,12 +33,8 @@ def _resume(capsys, path, *args):
     return code, captured.out, captured.err
 
 
-def _log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-
-
 def _losses(out):
-    return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in _log(out)]
+    return [(e["step"], e.get("train_loss"), e.get("val_loss")) for e in read_log(out)]
 
 
 def _one_line_error(err):
@@ -95,10 +78,10 @@ def _snapshot(out):
 
 def test_fresh_run_into_a_run_dir_is_refused_and_leaves_it_intact(tmp_path, smoke_data, capsys):
     out = tmp_path / "run"
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "2")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "2")[0] == 0
     before = _snapshot(out)
     assert set(before) == {CHECKPOINT, "log.jsonl"}  # no lock, no temp file left behind
-    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3")
+    code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3")
     line = _one_line_error(err)
     assert code == 2
     assert f"--out {out} already holds a run: checkpoint.pt at step 2, log.jsonl" in line
@@ -106,20 +89,20 @@ def test_fresh_run_into_a_run_dir_is_refused_and_leaves_it_intact(tmp_path, smok
     assert _snapshot(out) == before
     # the same through a resume from another directory
     other = tmp_path / "other"
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(other), "--steps", "1")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(other), "--steps", "1")[0] == 0
     code, _, err = _resume(capsys, other / CHECKPOINT, "--out", str(out))
     assert code == 2 and f"Resuming {other / CHECKPOINT} there would replace it" in _one_line_error(err)
     assert _snapshot(out) == before
     # --overwrite is the explicit way to start over
-    code, stdout, err = _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3", "--overwrite")
+    code, stdout, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3", "--overwrite")
     assert code == 0, err
     assert f"--overwrite: deleted checkpoint.pt, log.jsonl in {out}" in stdout
-    assert [e["step"] for e in _log(out)] == [0, 1, 2, 3]
+    assert [e["step"] for e in read_log(out)] == [0, 1, 2, 3]
 
 
 def test_a_crash_right_after_the_start_keeps_the_old_log_and_checkpoint(tmp_path, smoke_data, capsys):
     out = tmp_path / "run"
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "3")[0] == 0
     before = _snapshot(out)
     # a fresh run into it is refused before it writes anything
     proc = _spawn(out, smoke_data, "--steps", "50")
@@ -135,7 +118,7 @@ def test_a_crash_right_after_the_start_keeps_the_old_log_and_checkpoint(tmp_path
     proc.kill()
     proc.wait()
     assert (out / CHECKPOINT).read_bytes() == before[CHECKPOINT]
-    assert _log(out) == [json.loads(line) for line in before["log.jsonl"].decode().splitlines()]
+    assert read_log(out) == [json.loads(line) for line in before["log.jsonl"].decode().splitlines()]
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +148,7 @@ def test_kill_9_mid_run_then_stale_lock_then_exact_resume(tmp_path, smoke_data, 
     assert code == 0, err
     assert f"resumed at step {ckpt['step']}" in out
     assert not list(part.glob("*.tmp")) and not (part / LOCK).exists()
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(full), *common)[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(full), *common)[0] == 0
     assert _losses(part) == _losses(full)  # bit for bit: the losses are compared as floats
     a, b = torch.load(full / CHECKPOINT, weights_only=True), torch.load(part / CHECKPOINT, weights_only=True)
     assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
@@ -183,11 +166,11 @@ def test_a_second_run_into_the_same_out_is_refused_by_the_lock(tmp_path, smoke_d
         _wait_for(lambda: _steps_logged(out) >= 2, proc)
         lock = json.loads((out / LOCK).read_text())
         assert lock["pid"] == proc.pid and lock["host"] == socket.gethostname()
-        code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "400")
+        code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "400")
         line = _one_line_error(err)
         assert code == 2 and f"{out} is in use by another run (pid {proc.pid} on host" in line
         assert "FileNotFoundError" not in err and (out / LOCK).exists()
-        steps = [e["step"] for e in _log(out)]
+        steps = [e["step"] for e in read_log(out)]
         assert steps == list(range(len(steps)))  # one writer: no interleaved entries
         # SIGTERM (what torchrun and schedulers send) unwinds the run and releases the lock
         proc.send_signal(signal.SIGTERM)
@@ -252,7 +235,7 @@ def test_checkpoint_and_shard_writes_are_fsynced_before_they_take_the_name(tmp_p
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", _fd_path(fd))), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), real_replace(a, b))[1])
     out = tmp_path.resolve() / "run"
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "2", "--checkpoint_every", "1")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "2", "--checkpoint_every", "1")[0] == 0
     ckpt, tmp, prev = str(out / CHECKPOINT), str(out / (CHECKPOINT + ".tmp")), str(out / PREVIOUS)
     moves = [i for i, e in enumerate(events) if e == ("replace", tmp, ckpt)]
     assert len(moves) == 2  # steps 1 and 2
@@ -296,7 +279,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_exits_2(tmp_path, smoke_dat
     monkeypatch.setattr(checkpoint, "_write_temp", counting_write_temp)
     monkeypatch.setattr(checkpoint, "_write", full_write)
     monkeypatch.setattr(os, "fsync", full_fsync)
-    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "4", "--checkpoint_every", "2")
+    code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "4", "--checkpoint_every", "2")
     line = _one_line_error(err)
     assert code == 2
     assert f"error: no space left on {out} (writing the step-4 checkpoint)" in line
@@ -326,7 +309,7 @@ def test_disk_full_while_rewriting_the_log_keeps_it(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_non_finite_stop_names_a_checkpoint_that_resumes_to_a_finite_loss(tmp_path, smoke_data, capsys):
     out = tmp_path / "run"
-    code, stdout, _ = _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "6",
+    code, stdout, _ = run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "6",
                            "--checkpoint_every", "1", "--val_every", "100", "--lr_muon=1.5e38")
     assert code == 3
     # step 2's update blows the weights up: the checkpoint of step 2 gives NaN, the one of step 1 does not
@@ -342,12 +325,12 @@ def test_non_finite_stop_names_a_checkpoint_that_resumes_to_a_finite_loss(tmp_pa
     code, stdout, err = _resume(capsys, out / PREVIOUS, "--steps", "2")
     assert f"{out / CHECKPOINT} (step 2) is not on this run's path" in stdout
     assert code == 3 and "step 2: val loss is nan" in stdout and f"checkpoint is {out / PREVIOUS} (step 1;" in stdout
-    resumed = _log(out)
+    resumed = read_log(out)
     assert resumed[2]["step"] == 2 and resumed[2]["train_loss"] == first[2][1] and math.isfinite(first[2][1])
     # ... and, with the lower learning rate the message asks for, to the end
     code, _, err = _resume(capsys, out / PREVIOUS, "--lr_muon=0.05", "--steps", "6")
     assert code == 0, err
-    log = _log(out)
+    log = read_log(out)
     assert [e["step"] for e in log] == list(range(7)) and log[2]["train_loss"] == first[2][1]
     assert all(e["train_loss"] is not None and e["train_loss"] < 11 for e in log[1:]) and log[-1]["val_loss"] < 5
 
@@ -434,7 +417,7 @@ def test_a_broken_checkpoint_is_one_line_and_exit_2(tmp_path, good_checkpoint, c
 
 def test_a_truncated_checkpoint_is_one_line(tmp_path, smoke_data, capsys):
     out = tmp_path / "run"
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "1")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(out), "--steps", "1")[0] == 0
     bad = tmp_path / "cut.pt"
     bad.write_bytes((out / CHECKPOINT).read_bytes()[:100_000])
     code, _, err = _resume(capsys, bad, "--out", str(tmp_path / "fresh"))
@@ -444,7 +427,7 @@ def test_a_truncated_checkpoint_is_one_line(tmp_path, smoke_data, capsys):
 def test_an_oserror_is_one_line_with_its_path(tmp_path, smoke_data, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(blocker / "run"))
+    code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(blocker / "run"))
     line = _one_line_error(err)
     assert code == 2 and line.startswith(f"error: {blocker}") and ("Not a directory" in line or "exists" in line)
 
@@ -480,7 +463,7 @@ def test_a_dead_rank_gives_the_other_a_one_line_error(tmp_path, smoke_data):
 
 def test_attention_flex_on_a_cpu_is_refused_at_setup(tmp_path, smoke_data, capsys):
     t0 = time.monotonic()
-    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "run"), "--attention=flex")
+    code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "run"), "--attention=flex")
     assert code == 2 and time.monotonic() - t0 < 5
     assert "--attention=flex: FlexAttention needs a CUDA device, this run is on cpu" in _one_line_error(err)
     assert not (tmp_path / "run").exists()

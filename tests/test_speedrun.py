@@ -18,6 +18,7 @@ from speedrun.attention import block_mask_to_dense, dense_mask, flex_block_mask
 from speedrun.config import build_config, parse_overrides
 from speedrun.model import GPT
 from speedrun.train_gpt import evaluate, lr_multiplier, main, muon_momentum, window_blocks
+from trainer_runs import read_log, run_smoke
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EOT = data.EOT
@@ -267,30 +268,11 @@ def test_evaluate_is_the_mean_over_exactly_val_tokens(tmp_path):
 # Trainer runs (smoke preset)
 # ---------------------------------------------------------------------------
 
-def _log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def smoke_data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke_data")
-    cfg = build_config("smoke", {})
-    from speedrun.train_gpt import synthetic_spec
-    data.ensure_synthetic(d, synthetic_spec(cfg), log=lambda m: None)
-    return d
-
-
-def _run(capsys, *args):
-    code = main(["--preset", "smoke", *args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.slow
 def test_smoke_run_log_and_checkpoint(tmp_path, smoke_data, capsys):
-    code, out, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path))
+    code, out, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path))
     assert code == 0, err
-    log = _log(tmp_path)
+    log = read_log(tmp_path)
     assert [e["step"] for e in log] == [0, 1, 2, 3, 4]
     for e in log[1:]:
         assert {"step", "train_loss", "lr", "step_ms", "tokens", "tokens_per_s"} <= set(e)
@@ -327,14 +309,14 @@ def test_smoke_run_log_and_checkpoint(tmp_path, smoke_data, capsys):
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, smoke_data, capsys):
     common = ["--data", str(smoke_data), "--steps", "6", "--val_every", "3"]
     full, part = tmp_path / "full", tmp_path / "part"
-    assert _run(capsys, *common, "--out", str(full))[0] == 0
-    code, out, _ = _run(capsys, *common, "--out", str(part), "--stop_after", "3")
+    assert run_smoke(capsys, *common, "--out", str(full))[0] == 0
+    code, out, _ = run_smoke(capsys, *common, "--out", str(part), "--stop_after", "3")
     assert code == 0 and "--resume" in out
-    assert [e["step"] for e in _log(part)] == [0, 1, 2, 3]
-    code, out, err = _run(capsys, "--resume", str(part / "checkpoint.pt"))
+    assert [e["step"] for e in read_log(part)] == [0, 1, 2, 3]
+    code, out, err = run_smoke(capsys, "--resume", str(part / "checkpoint.pt"))
     assert code == 0, err
     assert "resumed at step 3" in out
-    want, got = _log(full), _log(part)
+    want, got = read_log(full), read_log(part)
     assert [e["step"] for e in got] == [0, 1, 2, 3, 4, 5, 6]
     for a, b in zip(want, got):
         assert a.get("train_loss") == b.get("train_loss") and a.get("val_loss") == b.get("val_loss"), (a, b)
@@ -348,11 +330,11 @@ def test_warm_up_leaves_the_run_unchanged(tmp_path, smoke_data, capsys):
     # Warm-up steps train on the real shapes and data, then model, optimizer, data and RNG go back:
     # the run after it is the run without it, bit for bit.
     common = ["--data", str(smoke_data), "--steps", "3", "--val_every", "3"]
-    assert _run(capsys, *common, "--out", str(tmp_path / "cold"), "--warmup_steps=0")[0] == 0
-    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "warm"), "--warmup_steps=3")
+    assert run_smoke(capsys, *common, "--out", str(tmp_path / "cold"), "--warmup_steps=0")[0] == 0
+    code, out, err = run_smoke(capsys, *common, "--out", str(tmp_path / "warm"), "--warmup_steps=3")
     assert code == 0, err
     assert "warm-up 3 step(s)" in out and "warm-up: 3 untimed step(s)" in out
-    cold, warm = _log(tmp_path / "cold"), _log(tmp_path / "warm")
+    cold, warm = read_log(tmp_path / "cold"), read_log(tmp_path / "warm")
     assert [(e.get("train_loss"), e.get("val_loss")) for e in cold] == \
         [(e.get("train_loss"), e.get("val_loss")) for e in warm]
     a = torch.load(tmp_path / "cold" / "checkpoint.pt", weights_only=True)
@@ -373,22 +355,22 @@ def test_losses_are_read_on_the_host_every_log_every_steps(tmp_path, smoke_data,
     reads = []
     real = train_gpt.all_reduce_mean
     monkeypatch.setattr(train_gpt, "all_reduce_mean", lambda t: reads.append(t.numel()) or real(t))
-    code, out, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "a"), "--steps", "7",
+    code, out, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "a"), "--steps", "7",
                           "--log_every", "3", "--val_every", "100", "--val_at_start=false")
     assert code == 0, err
     assert reads == [3, 3, 1]  # steps 1-3, 4-6 and 7 (the last)
-    assert [e["step"] for e in _log(tmp_path / "a")] == list(range(1, 8))
+    assert [e["step"] for e in read_log(tmp_path / "a")] == list(range(1, 8))
     assert re.findall(r"^step:(\d+)/7", out, re.M) == ["3", "6", "7"]
     # A non-finite loss found at a later read still names its own step and the last good checkpoint,
     # and no checkpoint is written from the steps after it.
-    code, out, _ = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "b"), "--steps", "8",
+    code, out, _ = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path / "b"), "--steps", "8",
                         "--log_every", "4", "--checkpoint_every", "2", "--inject_nan_step", "5")
     assert code == 3
     assert "step 5: train loss is nan (not finite); stopping" in out
     # checkpoint.pt (step 4) holds the weights that gave step 5's NaN: the good one is the one before it
     assert f"last good checkpoint is {tmp_path / 'b' / 'checkpoint.prev.pt'} (step 2;" in out
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["step"] == 4
-    log = _log(tmp_path / "b")
+    log = read_log(tmp_path / "b")
     assert [e["step"] for e in log] == [0, 1, 2, 3, 4, 5] and log[-1]["error"] == "non-finite train loss"
 
 
@@ -402,20 +384,20 @@ def _copy_data(src, dest):
 @pytest.mark.slow
 def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, smoke_data, capsys):
     d = _copy_data(smoke_data, tmp_path / "d")
-    assert _run(capsys, "--data", str(d), "--out", str(tmp_path / "o"), "--steps", "2", "--stop_after", "1")[0] == 0
+    assert run_smoke(capsys, "--data", str(d), "--out", str(tmp_path / "o"), "--steps", "2", "--stop_after", "1")[0] == 0
     ckpt = tmp_path / "o" / "checkpoint.pt"
     data.write_shard(d / "synthetic_train_000002.bin", np.arange(1000))  # more data appeared
-    code, _, err = _run(capsys, "--resume", str(ckpt))
+    code, _, err = run_smoke(capsys, "--resume", str(ckpt))
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "the data differ from the checkpoint's (shards: synthetic_train_000002.bin is new)" in err
     assert "--allow_data_change" in err
-    code, out, err = _run(capsys, "--resume", str(ckpt), "--allow_data_change")
+    code, out, err = run_smoke(capsys, "--resume", str(ckpt), "--allow_data_change")
     assert code == 0, err
     assert "warning: resuming on other data than the checkpoint's" in out and "resumed at step 1" in out
     # The new checkpoint records the new data, and the permission was for that resume only.
     assert len(torch.load(ckpt, weights_only=True)["data"]["identity"]["shards"]) == 2
     data.write_shard(d / "synthetic_train_000003.bin", np.arange(1000))
-    code, _, err = _run(capsys, "--resume", str(ckpt))
+    code, _, err = run_smoke(capsys, "--resume", str(ckpt))
     assert code == 2 and "synthetic_train_000003.bin is new" in err, err
 
 
@@ -423,33 +405,33 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path, smoke_data, ca
 @pytest.mark.parametrize("file_index, words", [(99, "file_index=99 is outside the 1 shard(s)"),
                                                (-1, "file_index=-1 is outside the 1 shard(s)")])
 def test_resume_with_a_bad_data_position_is_a_clear_error(tmp_path, smoke_data, capsys, file_index, words):
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     ckpt["data"]["file_index"] = file_index
     torch.save(ckpt, tmp_path / "bad.pt")
-    code, _, err = _run(capsys, "--resume", str(tmp_path / "bad.pt"), "--steps", "2")
+    code, _, err = run_smoke(capsys, "--resume", str(tmp_path / "bad.pt"), "--steps", "2")
     assert code == 2 and words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow
 def test_resume_rejects_a_changed_model(tmp_path, smoke_data, capsys):
-    assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
-    code, _, err = _run(capsys, "--resume", str(tmp_path / "checkpoint.pt"), "--model_dim=64")
+    assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "1")[0] == 0
+    code, _, err = run_smoke(capsys, "--resume", str(tmp_path / "checkpoint.pt"), "--model_dim=64")
     assert code == 2 and "--model_dim=64 differs from the checkpoint's 32" in err
-    code, _, err = _run(capsys, "--resume", str(tmp_path / "missing.pt"))
+    code, _, err = run_smoke(capsys, "--resume", str(tmp_path / "missing.pt"))
     assert code == 2 and "missing.pt: no such file" in err
 
 
 def test_missing_data_dir_prints_the_download_command(tmp_path, capsys):
     missing = tmp_path / "fineweb"
-    code, _, err = _run(capsys, "--synthetic=false", "--data", str(missing), "--out", str(tmp_path / "o"))
+    code, _, err = run_smoke(capsys, "--synthetic=false", "--data", str(missing), "--out", str(tmp_path / "o"))
     assert code == 2
     assert f"data dir {missing}: directory does not exist" in err
     assert f"python -m speedrun.data download --shards 8 --dir {missing}" in err
 
 
 def test_val_tokens_beyond_the_validation_shards_are_refused(tmp_path, smoke_data, capsys):
-    code, _, err = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--val_tokens", "4096")
+    code, _, err = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--val_tokens", "4096")
     assert code == 2 and "--val_tokens=4096: no validation shard" in err and "has 4096" in err
 
 
@@ -460,13 +442,13 @@ def test_corrupt_shard_is_named(tmp_path, smoke_data, capsys):
         (d / f.name).write_bytes(f.read_bytes())
     shard = d / "synthetic_train_000001.bin"
     shard.write_bytes(shard.read_bytes()[:-3])
-    code, _, err = _run(capsys, "--synthetic=false", "--data", str(d), "--out", str(tmp_path / "o"))
+    code, _, err = run_smoke(capsys, "--synthetic=false", "--data", str(d), "--out", str(tmp_path / "o"))
     assert code == 2 and str(shard) in err and "truncated or corrupt" in err
 
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smoke_data, capsys):
-    code, out, _ = _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "6",
+    code, out, _ = run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path), "--steps", "6",
                         "--checkpoint_every", "2", "--inject_nan_step", "5")
     assert code == 3
     assert "step 5: train loss is nan (not finite); stopping" in out
@@ -474,7 +456,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, smok
     assert f"last good checkpoint is {tmp_path / 'checkpoint.prev.pt'} (step 2;" in out
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
-    assert _log(tmp_path)[-1] == {"step": 5, "train_loss": None, "error": "non-finite train loss"}
+    assert read_log(tmp_path)[-1] == {"step": 5, "train_loss": None, "error": "non-finite train loss"}
 
 
 def _torchrun(nproc, out, smoke_data, *extra, timeout=300):
@@ -494,7 +476,7 @@ def test_smoke_with_one_and_two_processes(tmp_path, smoke_data):
     two = _torchrun(2, tmp_path / "two", smoke_data, "--val_tokens=384")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es) x 1 micro-step(s)" in two.stdout and "1 process(es) x 2 micro-step(s)" in one.stdout
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+    a, b = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert [e["step"] for e in a] == [e["step"] for e in b] == [0, 1, 2, 3, 4]
     for x, y in zip(a, b):
         for key in ("train_loss", "val_loss"):
@@ -508,13 +490,13 @@ def test_compiled_trainer_with_warm_up(tmp_path, smoke_data, capsys):
     # The trainer's compile path (what CUDA runs with inductor), through aot_eager on a CPU: the
     # gradient hooks still feed the buckets, warm-up compiles, and the losses are eager's.
     common = ["--data", str(smoke_data), "--steps", "3", "--val_every", "3"]
-    assert _run(capsys, *common, "--out", str(tmp_path / "eager"))[0] == 0
+    assert run_smoke(capsys, *common, "--out", str(tmp_path / "eager"))[0] == 0
     torch._dynamo.reset()
-    code, out, err = _run(capsys, *common, "--out", str(tmp_path / "compiled"), "--compile=aot_eager",
+    code, out, err = run_smoke(capsys, *common, "--out", str(tmp_path / "compiled"), "--compile=aot_eager",
                           "--warmup_steps=1")
     assert code == 0, err
     assert "compile aot_eager, warm-up 1 step(s)" in out
-    for a, b in zip(_log(tmp_path / "eager"), _log(tmp_path / "compiled")):
+    for a, b in zip(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")):
         for key in ("train_loss", "val_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
@@ -523,7 +505,7 @@ def test_compiled_trainer_with_warm_up(tmp_path, smoke_data, capsys):
 @pytest.mark.slow
 def test_plot_draws_runs_and_a_record_style_log(tmp_path, smoke_data, capsys):
     for name in ("a", "b"):
-        assert _run(capsys, "--data", str(smoke_data), "--out", str(tmp_path / name), "--steps", "3",
+        assert run_smoke(capsys, "--data", str(smoke_data), "--out", str(tmp_path / name), "--steps", "3",
                     "--val_every", "1", "--seed", str(ord(name)))[0] == 0
     record_log = tmp_path / "record.txt"
     record_log.write_text("code...\nstep:0/3 val_loss:10.8258 train_time:0ms step_avg:0.02ms\n"
@@ -564,7 +546,7 @@ def test_cpu_demo_reaches_the_source_entropy(tmp_path):
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads((tmp_path / "d" / "synthetic_source.json").read_text())
-    final = _log(tmp_path / "o")[-1]
+    final = read_log(tmp_path / "o")[-1]
     assert final["step"] == 150 and final["val_loss"] - info["entropy_nats_per_token"] < 0.3
     assert "source entropy" in res.stdout
     # It says where its log and its picture are, and the picture is there (if run.sh's Python has
