@@ -137,7 +137,7 @@ def run(ctx: harness.BenchContext) -> None:
             return metrics
 
         for name, fwd in ctx.ordered(providers):
-            reason = ctx.unavailable(KERNEL, name.split("[")[0]) if name.startswith(("triton", "cuda")) else None
+            reason = ctx.provider_unavailable(KERNEL, name)
             if reason is not None:
                 for mode in harness.MODES:
                     ctx.skip(kernel=KERNEL, shape=shape, provider=name, mode=mode, note=reason)
