@@ -175,7 +175,7 @@ def triton_config(overrides: dict):
             table.update(old)
 
 
-def _op_providers(ctx, shape, targets, logit_scale, scales):
+def _op_providers(ctx, targets, logit_scale, scales):
     """name -> (callable(x, w), rounding, note) for the package's providers, or (None, reason)."""
     import kernels
     providers = {}
@@ -255,7 +255,7 @@ def run_op(ctx) -> None:
         else:
             providers["scaled_mm"] = (None, "torch._scaled_mm needs T, D and V to be multiples of 16")
         # tanh.approx (triton) or the fp16-cached tanh (cuda) in the gradient pass flips ~1 % of the e5m2 codes.
-        for name, (fn, rounding, reason) in _op_providers(ctx, shape, targets, logit_scale, scales).items():
+        for name, (fn, rounding, reason) in _op_providers(ctx, targets, logit_scale, scales).items():
             providers[name] = (fn, checker(1e-4, 0.999, 5e-2, rounding)) if fn is not None else (None, reason)
         for name, (fn, check) in ctx.ordered(providers):
             if fn is None:
@@ -369,7 +369,6 @@ def run_ce(ctx) -> None:
 
 def run_stages(ctx) -> None:
     """Each stage of one chunk at the speedrun shape (rounding="record"), its napkin floor beside it."""
-    op = importlib.import_module("kernels.fp8_head")
     base = _chunk_shape(ctx)
     C, D, V = base["C"], base["D"], base["V"]
     T = C
@@ -433,7 +432,6 @@ def run_stages(ctx) -> None:
                       bytes_moved=nbytes, note=note)
         del bufs, stages
         ctx.cleanup()
-    del op
 
 
 def run(ctx: harness.BenchContext) -> None:
