@@ -167,7 +167,7 @@ class Check:
 
     def finish_stage(self, name: str, started: float, rc: int | None | str, note: str = "") -> None:
         """rc: an exit code, None for a timeout, or a status word."""
-        word = rc if isinstance(rc, str) else ("ok" if rc == 0 else ("timeout" if rc is None else f"rc={rc}"))
+        word = rc if isinstance(rc, str) else _outcome(rc)
         self.status.append({"stage": name, "status": word, "seconds": round(time.monotonic() - started, 1),
                             "note": note})
         print(f"[gpu_check] {name}: {word} in {self.status[-1]['seconds']} s {note}".rstrip(), flush=True)
@@ -290,7 +290,7 @@ print(json.dumps(info))
         codes = {name: self.wait(p, deadline - time.monotonic()) for name, p in procs.items()}
         bad = {n: c for n, c in codes.items() if c != 0}
         self.finish_stage("warm", started, 0 if not bad else (None if None in bad.values() else 1),
-                          ", ".join(f"{n}: {'timeout' if c is None else f'rc={c}'}" for n, c in bad.items()))
+                          ", ".join(f"{n}: {_outcome(c)}" for n, c in bad.items()))
 
     def stage_proof(self) -> None:
         started, stage_limit = time.monotonic(), self.limit_for("proof")
@@ -386,7 +386,7 @@ print(json.dumps(info))
                           limit)
             ran.append("tuner")
             if rc != 0:
-                problems.append(f"tuner {'timeout' if rc is None else f'rc={rc}'}")
+                problems.append(f"tuner {_outcome(rc)}")
             elif table.exists():
                 shutil.copyfile(table, self.logs / "tuned_configs.py")  # into logs.tar.gz at the stage's end
         # The interpret tier runs its Triton kernels on CUDA tensors on a GPU machine.
@@ -400,7 +400,7 @@ print(json.dumps(info))
             rc = self.run(cmd, self.logs / "tests_interpret.log", limit)
             ran.append("interpret tier")
             if rc not in (0, 5):
-                problems.append(f"interpret tier {'timeout' if rc is None else f'rc={rc}'}")
+                problems.append(f"interpret tier {_outcome(rc)}")
             self.pack("tests.tar.gz", [(self.work / "junit", "junit"), *((p, f"logs/{p.name}") for p in
                                                                         self.logs.glob("tests_*.log"))])
         for backend in ("reference",) if self.dry_run else ("cuda", "reference"):
@@ -410,7 +410,7 @@ print(json.dumps(info))
             rc = self.train("extra", backend, limit)
             ran.append(f"train {backend}")
             if rc != 0:
-                problems.append(f"train {backend} {'timeout' if rc is None else f'rc={rc}'}")
+                problems.append(f"train {backend} {_outcome(rc)}")
         if not ran:
             return self.skip_stage("extra", "no time left")
         self.finish_stage("extra", started, 0 if not problems else 1,
@@ -530,6 +530,11 @@ print(json.dumps(info))
               f"after {self.elapsed():.0f} s", flush=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return 0 if all(s["status"] in ("ok", "skipped") for s in self.status) else 1
+
+
+def _outcome(rc: int | None) -> str:
+    """A stage command's exit code as a status word: ok, timeout (killed at its limit) or rc=N."""
+    return "ok" if rc == 0 else ("timeout" if rc is None else f"rc={rc}")
 
 
 def _descendants(pid: int) -> list[int]:
