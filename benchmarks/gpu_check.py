@@ -165,6 +165,11 @@ class Check:
                     tar.add(path, arcname=arcname)
         self.publish(name, src=archive)
 
+    def pack_tests(self) -> None:
+        """tests.tar.gz: the junit files and the pytest log of every test run so far."""
+        self.pack("tests.tar.gz", [(self.work / "junit", "junit"),
+                                   *((p, f"logs/{p.name}") for p in self.logs.glob("tests_*.log"))])
+
     def finish_stage(self, name: str, started: float, rc: int | None | str, note: str = "") -> None:
         """rc: an exit code, None for a timeout, or a status word."""
         word = rc if isinstance(rc, str) else _outcome(rc)
@@ -339,8 +344,7 @@ print(json.dumps(info))
                                   "no:cacheprovider", f"--junitxml={junit / name}.xml"),
                           self.logs / f"tests_{name}.log", share)
             results.append(f"{name}: {'killed at its share' if rc is None else f'rc={rc}'}")
-            self.pack("tests.tar.gz", [(junit, "junit"), *((p, f"logs/{p.name}") for p in
-                                                          self.logs.glob("tests_*.log"))])
+            self.pack_tests()
             self.publish("summary.md", self.summary().encode())
         failed = [r for r in results if not r.endswith(("rc=0", "rc=5"))]  # 5: no test collected
         self.finish_stage("tests", started, 0 if not failed else 1, "; ".join(failed))
@@ -401,8 +405,7 @@ print(json.dumps(info))
             ran.append("interpret tier")
             if rc not in (0, 5):
                 problems.append(f"interpret tier {_outcome(rc)}")
-            self.pack("tests.tar.gz", [(self.work / "junit", "junit"), *((p, f"logs/{p.name}") for p in
-                                                                        self.logs.glob("tests_*.log"))])
+            self.pack_tests()
         for backend in ("reference",) if self.dry_run else ("cuda", "reference"):
             limit = self.limit_for("extra")
             if limit < (10 if self.dry_run else 40):
