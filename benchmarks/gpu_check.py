@@ -60,6 +60,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from benchmarks import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 # (name, cap as a fraction of the budget, guaranteed minimum in seconds or 0 when not guaranteed)
 STAGES = (("env", 0.03, 10), ("warm", 0.15, 30), ("proof", 0.28, 60), ("tests", 0.20, 45),
@@ -84,9 +86,8 @@ class Check:
         self.status: list[dict] = []
         self.python = os.environ.get("PYTHON") or sys.executable
         # Offline pip: no index, and no self-version check (a network call) at the end of the build.
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
-                        KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
-        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.env = child_env(PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                             KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
         if dry_run:
             self.env["TRITON_INTERPRET"] = "1"  # CPU tensors through the interpreter
             self.env["CUDA_VISIBLE_DEVICES"] = ""
