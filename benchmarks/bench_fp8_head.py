@@ -39,6 +39,7 @@ STAGE_KERNEL = "fp8_head_stage"
 SOFTCAP = 15.0
 IGNORE_INDEX = -100
 SPEEDRUN = {"T": 49152, "D": 768, "V": 50304}
+H100 = harness.datasheet_for("h100")  # the H100 SXM's datasheet peaks: the floors printed on any machine
 # H100 SXM: 132 SMs, 16 special-function results per clock per SM, 1.98 GHz boost clock.
 H100_MUFU_PER_S = 132 * 16 * 1.98e9
 CE_MUFU = {"triton": 5, "cuda": 4}  # per logit (kernels/triton_impl/fp8_head.py, csrc/softcap_ce.cu)
@@ -96,17 +97,19 @@ def print_floors(ctx, shape) -> None:
     T, D, V = shape["T"], shape["D"], shape["V"]
     measured = ctx.ceilings.get("measured") or {}
     on_gpu = ctx.device.type == "cuda"
+    fp8_peak, hbm_peak = H100["fp8_tflops"] * 1e12, H100["hbm_gbps"] * 1e9
     for backend in ("triton", "cuda"):
         for rounding, logit_bytes in (("record", 2), ("fp32", 4)):
             rows = op.chunk_rows_for(T, ((V + 15) // 16 * 16) * (logit_bytes + 1), op.CHUNK_BYTES)
             chunks = -(-T // rows)
             print(f"napkin floors: fp8_head {backend} rounding={rounding} [T={T} D={D} V={V}], {chunks} chunks of "
-                  f"{rows} rows; H100 SXM datasheet (FP8 1979 TFLOP/s, 3.35 TB/s, MUFU {H100_MUFU_PER_S:.3g}/s)"
+                  f"{rows} rows; {H100['name']} datasheet (FP8 {H100['fp8_tflops']:.0f} TFLOP/s, "
+                  f"{H100['hbm_gbps'] / 1e3:.2f} TB/s, MUFU {H100_MUFU_PER_S:.3g}/s)"
                   + (f" | measured here (FP8 {measured.get('fp8_tflops') or 0:.0f} TFLOP/s, "
                      f"{(measured.get('hbm_gbps') or 0) / 1e3:.2f} TB/s)" if on_gpu else ""), flush=True)
             total = 0.0
             for stage, gflop, gb, mufu in stage_floors(T, D, V, backend, logit_bytes, chunks):
-                parts = [gflop * 1e9 / 1979e12, gb * 1e9 / 3350e9, mufu / H100_MUFU_PER_S]
+                parts = [gflop * 1e9 / fp8_peak, gb * 1e9 / hbm_peak, mufu / H100_MUFU_PER_S]
                 floor_ms = 1e3 * max(parts)
                 total += floor_ms
                 line = (f"  {stage:30s} {gflop:8.1f} GFLOP {gb:7.2f} GB {mufu / 1e9:6.2f} G MUFU -> "
@@ -119,8 +122,8 @@ def print_floors(ctx, shape) -> None:
     # The record's path at the same floors: 3 GEMMs, a compiled CE forward (read logits; sigmoid = ex2 + rcp,
     # then exp: 3 MUFU per logit), a backward CE + e5m2 cast (read logits, write g_f8; 3 MUFU), a transposed copy.
     tv = T * V
-    record = [("3 GEMMs", 3 * 2 * tv * D / 1979e12), ("CE forward", max(2 * tv / 3350e9, 3 * tv / H100_MUFU_PER_S)),
-              ("CE backward + cast", max(3 * tv / 3350e9, 3 * tv / H100_MUFU_PER_S)), ("g_f8ᵀ copy", 2 * tv / 3350e9)]
+    record = [("3 GEMMs", 3 * 2 * tv * D / fp8_peak), ("CE forward", max(2 * tv / hbm_peak, 3 * tv / H100_MUFU_PER_S)),
+              ("CE backward + cast", max(3 * tv / hbm_peak, 3 * tv / H100_MUFU_PER_S)), ("g_f8ᵀ copy", 2 * tv / hbm_peak)]
     print(f"napkin floors: the record's path at [T={T} D={D} V={V}]: "
           + ", ".join(f"{name} {1e3 * sec:.3f} ms" for name, sec in record)
           + f"; sum {1e3 * sum(sec for _, sec in record):.3f} ms", flush=True)
@@ -175,7 +178,7 @@ def triton_config(overrides: dict):
             table.update(old)
 
 
-def _op_providers(ctx, shape, targets, logit_scale, scales):
+def _op_providers(ctx, targets, logit_scale, scales):
     """name -> (callable(x, w), rounding, note) for the package's providers, or (None, reason)."""
     import kernels
     providers = {}
@@ -255,7 +258,7 @@ def run_op(ctx) -> None:
         else:
             providers["scaled_mm"] = (None, "torch._scaled_mm needs T, D and V to be multiples of 16")
         # tanh.approx (triton) or the fp16-cached tanh (cuda) in the gradient pass flips ~1 % of the e5m2 codes.
-        for name, (fn, rounding, reason) in _op_providers(ctx, shape, targets, logit_scale, scales).items():
+        for name, (fn, rounding, reason) in _op_providers(ctx, targets, logit_scale, scales).items():
             providers[name] = (fn, checker(1e-4, 0.999, 5e-2, rounding)) if fn is not None else (None, reason)
         for name, (fn, check) in ctx.ordered(providers):
             if fn is None:
@@ -302,7 +305,7 @@ def run_ce(ctx) -> None:
     ce = importlib.import_module("kernels.softcap_cross_entropy")
     shape = _chunk_shape(ctx)
     C, V = shape["C"], shape["V"]
-    hbm = ((ctx.ceilings.get("datasheet") or {}).get("hbm_gbps")) or 3350.0
+    hbm = ((ctx.ceilings.get("datasheet") or {}).get("hbm_gbps")) or H100["hbm_gbps"]
     ctx.declare_kernel(
         CE_KERNEL, reference="reference", compiled="compiled", peak="bf16",
         description="The CE stage on one chunk: bf16 logits [C, V] -> loss, lse, e5m2 dl; bytes = logits read",
@@ -369,7 +372,6 @@ def run_ce(ctx) -> None:
 
 def run_stages(ctx) -> None:
     """Each stage of one chunk at the speedrun shape (rounding="record"), its napkin floor beside it."""
-    op = importlib.import_module("kernels.fp8_head")
     base = _chunk_shape(ctx)
     C, D, V = base["C"], base["D"], base["V"]
     T = C
@@ -433,7 +435,6 @@ def run_stages(ctx) -> None:
                       bytes_moved=nbytes, note=note)
         del bufs, stages
         ctx.cleanup()
-    del op
 
 
 def run(ctx: harness.BenchContext) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,8 +65,7 @@ def summarize(log_path: Path) -> dict:
 def measure(ranks: list[int], preset: str, steps: int, bucket_mb: float, data_dir: str | None, workdir: Path,
             gpu: bool) -> list[dict]:
     rows = []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
-        "PYTHONPATH", "").split(os.pathsep) if p])}
+    env = child_env()
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     for n in ranks:

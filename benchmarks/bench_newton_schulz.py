@@ -99,10 +99,6 @@ def _providers(ctx, ns_module, coefficients, norm_scale):
     return providers
 
 
-def _reason(ctx, name):
-    return ctx.unavailable(KERNEL, name.split("[")[0]) if name.startswith(("triton", "cuda")) else None
-
-
 def run(ctx: harness.BenchContext) -> None:
     ns_module = importlib.import_module("kernels.newton_schulz")
     coefficients, norm_scale = ns_module.resolve_coefficients("quintic", STEPS)
@@ -133,7 +129,7 @@ def run(ctx: harness.BenchContext) -> None:
         bytes_moved = 2 * G.numel() * G.element_size()  # read G, write X
 
         for name, fn in ctx.ordered(providers):
-            reason = _reason(ctx, name)
+            reason = ctx.provider_unavailable(KERNEL, name)
             if reason is not None:
                 ctx.skip(kernel=KERNEL, shape=shape, provider=name, mode="fwd", note=reason)
                 continue
@@ -176,7 +172,7 @@ def _bench_record_set(ctx, providers, coefficients, norm_scale):
     runs["triton[per-param]"] = lambda: [triton_fn(G) for G in param_stacks]
 
     for name, fn in ctx.ordered(runs):
-        reason = _reason(ctx, name)
+        reason = ctx.provider_unavailable(KERNEL, name)
         if reason is not None:
             ctx.skip(kernel=SET_KERNEL, shape=label, provider=name, mode="fwd", note=reason)
             continue

@@ -137,7 +137,7 @@ def run(ctx: harness.BenchContext) -> None:
             return metrics
 
         for name, fwd in ctx.ordered(providers):
-            reason = ctx.unavailable(KERNEL, name.split("[")[0]) if name.startswith(("triton", "cuda")) else None
+            reason = ctx.provider_unavailable(KERNEL, name)
             if reason is not None:
                 for mode in harness.MODES:
                     ctx.skip(kernel=KERNEL, shape=shape, provider=name, mode=mode, note=reason)
@@ -156,22 +156,21 @@ def _bench_gemms(ctx, shape, x, w_fc, w_proj, dy, post64, dpre64, triton_reason)
     impl = None if triton_reason else importlib.import_module("kernels.triton_impl.relu2_mlp")
     out = torch.empty(T, H, dtype=x.dtype, device=x.device)
     gemm_costs_ = gemm_costs(T, D, H, x.element_size())
+    compiled_fwd = ctx.compile(lambda a, b: torch.relu(a @ b).square())
+    compiled_bwd = ctx.compile(lambda a, b, p: (a @ b) * (2 * p.sqrt()))
     cases = {
         "fwd": (post64, {
             "cublas": lambda: torch.mm(x, w_fc.t(), out=out),
             "cublas+epilogue": lambda: torch.relu(torch.mm(x, w_fc.t())).square(),
-            "compiled": ctx.compile(lambda a, b: torch.relu(a @ b).square()),
+            "compiled": lambda: compiled_fwd(x, w_fc.t()),
         }),
         "bwd": (dpre64, {
             "cublas": lambda: torch.mm(dy, w_proj, out=out),
             "cublas+epilogue": lambda: torch.mm(dy, w_proj) * (2 * post.sqrt()),
-            "compiled": ctx.compile(lambda a, b, p: (a @ b) * (2 * p.sqrt())),
+            "compiled": lambda: compiled_bwd(dy, w_proj, post),
         }),
     }
     for mode, (want, providers) in cases.items():
-        compiled = providers.pop("compiled")
-        providers["compiled"] = (lambda c=compiled: c(x, w_fc.t())) if mode == "fwd" else (
-            lambda c=compiled: c(dy, w_proj, post))
         if impl is not None:
             if mode == "fwd":
                 providers["triton"] = lambda: impl.fused_gemm(x, w_fc.t(), out, impl.EPILOGUE_RELU2)

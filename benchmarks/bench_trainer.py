@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = {"step_ms_8gpu": 100.97, "tokens_per_s_per_gpu": 487e3, "mem_alloc_mib": 30724}
@@ -75,8 +76,7 @@ def napkin_floor_ms(nproc: int, peak_tflops: float = 989.0) -> float:
 
 def measure(modes, steps: int, nproc: int, backend: str, data_dir: str | None, workdir: Path,
             extra: list[str]) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get(
-        "PYTHONPATH", "").split(os.pathsep) if p])}
+    env = child_env()
     synthetic = data_dir is None
     if synthetic:
         data_dir = workdir / "synthetic"

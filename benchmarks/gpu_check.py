@@ -60,6 +60,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from benchmarks import child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 # (name, cap as a fraction of the budget, guaranteed minimum in seconds or 0 when not guaranteed)
 STAGES = (("env", 0.03, 10), ("warm", 0.15, 30), ("proof", 0.28, 60), ("tests", 0.20, 45),
@@ -84,9 +86,8 @@ class Check:
         self.status: list[dict] = []
         self.python = os.environ.get("PYTHON") or sys.executable
         # Offline pip: no index, and no self-version check (a network call) at the end of the build.
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
-                        KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
-        self.env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.env = child_env(PYTHONUNBUFFERED="1", PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                             KERNELS_CUDA_ARCH=os.environ.get("KERNELS_CUDA_ARCH", "90a"))
         if dry_run:
             self.env["TRITON_INTERPRET"] = "1"  # CPU tensors through the interpreter
             self.env["CUDA_VISIBLE_DEVICES"] = ""
@@ -165,9 +166,14 @@ class Check:
                     tar.add(path, arcname=arcname)
         self.publish(name, src=archive)
 
+    def pack_tests(self) -> None:
+        """tests.tar.gz: the junit files and the pytest log of every test run so far."""
+        self.pack("tests.tar.gz", [(self.work / "junit", "junit"),
+                                   *((p, f"logs/{p.name}") for p in self.logs.glob("tests_*.log"))])
+
     def finish_stage(self, name: str, started: float, rc: int | None | str, note: str = "") -> None:
         """rc: an exit code, None for a timeout, or a status word."""
-        word = rc if isinstance(rc, str) else ("ok" if rc == 0 else ("timeout" if rc is None else f"rc={rc}"))
+        word = rc if isinstance(rc, str) else _outcome(rc)
         self.status.append({"stage": name, "status": word, "seconds": round(time.monotonic() - started, 1),
                             "note": note})
         print(f"[gpu_check] {name}: {word} in {self.status[-1]['seconds']} s {note}".rstrip(), flush=True)
@@ -290,7 +296,7 @@ print(json.dumps(info))
         codes = {name: self.wait(p, deadline - time.monotonic()) for name, p in procs.items()}
         bad = {n: c for n, c in codes.items() if c != 0}
         self.finish_stage("warm", started, 0 if not bad else (None if None in bad.values() else 1),
-                          ", ".join(f"{n}: {'timeout' if c is None else f'rc={c}'}" for n, c in bad.items()))
+                          ", ".join(f"{n}: {_outcome(c)}" for n, c in bad.items()))
 
     def stage_proof(self) -> None:
         started, stage_limit = time.monotonic(), self.limit_for("proof")
@@ -339,8 +345,7 @@ print(json.dumps(info))
                                   "no:cacheprovider", f"--junitxml={junit / name}.xml"),
                           self.logs / f"tests_{name}.log", share)
             results.append(f"{name}: {'killed at its share' if rc is None else f'rc={rc}'}")
-            self.pack("tests.tar.gz", [(junit, "junit"), *((p, f"logs/{p.name}") for p in
-                                                          self.logs.glob("tests_*.log"))])
+            self.pack_tests()
             self.publish("summary.md", self.summary().encode())
         failed = [r for r in results if not r.endswith(("rc=0", "rc=5"))]  # 5: no test collected
         self.finish_stage("tests", started, 0 if not failed else 1, "; ".join(failed))
@@ -386,7 +391,7 @@ print(json.dumps(info))
                           limit)
             ran.append("tuner")
             if rc != 0:
-                problems.append(f"tuner {'timeout' if rc is None else f'rc={rc}'}")
+                problems.append(f"tuner {_outcome(rc)}")
             elif table.exists():
                 shutil.copyfile(table, self.logs / "tuned_configs.py")  # into logs.tar.gz at the stage's end
         # The interpret tier runs its Triton kernels on CUDA tensors on a GPU machine.
@@ -400,9 +405,8 @@ print(json.dumps(info))
             rc = self.run(cmd, self.logs / "tests_interpret.log", limit)
             ran.append("interpret tier")
             if rc not in (0, 5):
-                problems.append(f"interpret tier {'timeout' if rc is None else f'rc={rc}'}")
-            self.pack("tests.tar.gz", [(self.work / "junit", "junit"), *((p, f"logs/{p.name}") for p in
-                                                                        self.logs.glob("tests_*.log"))])
+                problems.append(f"interpret tier {_outcome(rc)}")
+            self.pack_tests()
         for backend in ("reference",) if self.dry_run else ("cuda", "reference"):
             limit = self.limit_for("extra")
             if limit < (10 if self.dry_run else 40):
@@ -410,7 +414,7 @@ print(json.dumps(info))
             rc = self.train("extra", backend, limit)
             ran.append(f"train {backend}")
             if rc != 0:
-                problems.append(f"train {backend} {'timeout' if rc is None else f'rc={rc}'}")
+                problems.append(f"train {backend} {_outcome(rc)}")
         if not ran:
             return self.skip_stage("extra", "no time left")
         self.finish_stage("extra", started, 0 if not problems else 1,
@@ -530,6 +534,11 @@ print(json.dumps(info))
               f"after {self.elapsed():.0f} s", flush=True)
         shutil.rmtree(self.work, ignore_errors=True)
         return 0 if all(s["status"] in ("ok", "skipped") for s in self.status) else 1
+
+
+def _outcome(rc: int | None) -> str:
+    """A stage command's exit code as a status word: ok, timeout (killed at its limit) or rc=N."""
+    return "ok" if rc == 0 else ("timeout" if rc is None else f"rc={rc}")
 
 
 def _descendants(pid: int) -> list[int]:

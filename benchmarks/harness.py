@@ -28,6 +28,7 @@ API used by the scripts (everything else here is internal)::
     ctx.declare_kernel(name, reference=, compiled=, peak="bf16"|"fp8", description=, targets=[Target])
     ctx.compile(fn)                         # torch.compile with this run's settings
     ctx.unavailable(op, backend) -> str|None  # why a kernels backend cannot run here (None: it can)
+    ctx.provider_unavailable(op, provider)    # the same for the backend a triton*/cuda* provider runs on
     ctx.bench(kernel=, shape={...}, provider=, mode=, fn=, flops=, bytes_moved=, check=None, note="")
     ctx.bench_autograd(kernel=, shape=, provider=, forward=, inputs=[...], grad_out=, costs={mode: (flops, bytes)},
                        check=None, modes=MODES)
@@ -471,6 +472,12 @@ class BenchContext:
         except ImportError as exc:
             return f"kernels package not importable: {_one_line(exc)}"
         return why_unavailable(backend, self.device, op)
+
+    def provider_unavailable(self, op: str, provider: str) -> str | None:
+        """``unavailable`` for the backend a provider named triton* or cuda* runs on ("triton[modded]": triton);
+        None for every other provider (the baselines)."""
+        backend = next((b for b in PACKAGE_PROVIDER_PREFIXES if provider.startswith(b)), None)
+        return None if backend is None else self.unavailable(op, backend)
 
     def time_left(self) -> float | None:
         return None if self._deadline is None else self._deadline - time.monotonic()

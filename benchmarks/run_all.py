@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import harness, report
+from benchmarks import child_env, harness, report
 from benchmarks.report import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +72,7 @@ def run_module(name: str, args, ceilings_path: Path, records_path: Path, deadlin
             return {"module": name, "rc": None, "seconds": 0.0, "note": "not run: time budget exhausted"}
         cmd += ["--budget-s", f"{max(1.0, _share(deadline, scripts_left)):.0f}"]
         timeout = left + 5  # the script stops starting cases at its share; this is the hard stop
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env()
     print(f"\n=== {name} ===", flush=True)
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)

@@ -8,7 +8,6 @@ machine without a GPU) the Triton providers run too, at tiny shapes.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness, report
+from benchmarks import child_env, harness, report
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_KERNELS = {"newton_schulz", "relu2_mlp", "fp8_head"}
@@ -174,10 +173,8 @@ def test_targets_and_report(tmp_path):
 
 def test_run_all_smoke(tmp_path):
     out = tmp_path / "bench"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--smoke", "--out", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     payload = json.loads((out / "results.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import collect_results
-from benchmarks.gpu_check import OUT_FILES
+from benchmarks.gpu_check import OUT_FILES, _descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "warm", "proof", "tests", "bench", "train", "extra")
@@ -32,22 +32,6 @@ def _stages(out: Path) -> dict[str, str]:
         if len(cells) >= 2 and cells[0] in STAGES:
             rows[cells[0]] = cells[1]
     return rows
-
-
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _check_outdir_limits(out: Path) -> None:
