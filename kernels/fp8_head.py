@@ -158,11 +158,11 @@ def unit_row_grad(targets: torch.Tensor, ignore_index: int, reduction: str) -> t
     return torch.where(n_valid > 0, g0, torch.zeros_like(g0))
 
 
-def grad_scale_tensor(grad_scale: float | None, max_row_grad: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """The e5m2 scale of dl: the static grad_scale, or the dynamic bound from the largest row gradient."""
+def grad_scale_tensor(grad_scale: float | None, row_grad: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """The e5m2 scale of dl: the static grad_scale, or the dynamic bound from the row gradients (any shape)."""
     if grad_scale is not None:
-        return torch.tensor(grad_scale, dtype=torch.float32, device=max_row_grad.device)
-    return dynamic_grad_scale(max_row_grad.reshape(-1), logit_scale)
+        return torch.tensor(grad_scale, dtype=torch.float32, device=row_grad.device)
+    return dynamic_grad_scale(row_grad, logit_scale)
 
 
 def reduce_loss(row_loss: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
@@ -253,8 +253,7 @@ def reference_backward(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap,
                        ignore_index, need_dx, need_dw, x_dtype, w_dtype, rounding):
     """reduction "none": -> (dx, dw) for per-row upstream gradients (0 at ignored rows), recomputing the logits."""
     xs, ws = used_scales[0], used_scales[1]
-    gs = grad_scale_tensor(grad_scale, row_grad.abs().amax() if row_grad.numel() else row_grad.new_zeros(()),
-                           logit_scale)
+    gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     _, _, dx, dw = _reference_chunks(x_f8, w_f8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding,
                                      row_grad=row_grad, gs=gs, lse_in=lse, need_dx=need_dx, need_dw=need_dw)
     device = x_f8.device
@@ -436,7 +435,7 @@ def chunked_backward(stages: Stages, row_grad, x_f8, w_f8, targets, lse, used_sc
     w8 = _padded_fp8(w_f8, (Vp, Dp))
     x8t = _padded_fp8_t(x_f8, (Dp, T16)) if need_dw else None
     w8t = _padded_fp8_t(w_f8, (Dp, Vp)) if need_dx else None
-    gs = grad_scale_tensor(grad_scale, row_grad.abs().amax() if T else row_grad.new_zeros(()), logit_scale)
+    gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     dx = stages.alloc((T, D), x_dtype, device) if need_dx else None
     dw_acc = stages.alloc((V, Dp), torch.float32, device) if need_dw else None
     if T:
