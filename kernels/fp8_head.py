@@ -336,6 +336,10 @@ def _padded_fp8_t(t: torch.Tensor, shape) -> torch.Tensor:
 def _run_chunks(stages: Stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, *, row_loss, lse, lse_in, row_grad, g0,
                 gs, dx, dw_acc, rounding, softcap, logit_scale, ignore_index, chunk_rows, chunk_bytes):
     """The per-chunk loop; dx [T, D] and dw_acc [V, Dp] fp32 (or None) are written in place."""
+    if T == 0:  # no chunk to run; dW over no rows is 0 (else the first chunk's dW GEMM overwrites dw_acc)
+        if dw_acc is not None:
+            dw_acc.zero_()
+        return
     device = x8.device
     Vp, Dp = w8.shape
     logits_dtype = torch.bfloat16 if rounding == "record" else torch.float32
@@ -399,13 +403,9 @@ def chunked_forward(stages: Stages, x, weight, targets, softcap, logit_scale, x_
             dx = stages.alloc((T, D), x.dtype, device)
         if need_dw:
             dw_acc = stages.alloc((V, Dp), torch.float32, device)
-    if T:
-        _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=row_loss, lse=lse, lse_in=False,
-                    row_grad=None, g0=g0, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
-                    logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
-                    chunk_bytes=chunk_bytes)
-    elif dw_acc is not None:
-        dw_acc.zero_()
+    _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=row_loss, lse=lse, lse_in=False,
+                row_grad=None, g0=g0, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
+                logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
     dw = _finish_dw(dw_acc, D, weight.dtype, device)
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = (x8 if Dp == D else x8[:, :D].contiguous()) if keep else _empty(device).to(torch.float8_e4m3fn)
@@ -438,13 +438,9 @@ def chunked_backward(stages: Stages, row_grad, x_f8, w_f8, targets, lse, used_sc
     gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     dx = stages.alloc((T, D), x_dtype, device) if need_dx else None
     dw_acc = stages.alloc((V, Dp), torch.float32, device) if need_dw else None
-    if T:
-        _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=None, lse=lse, lse_in=True,
-                    row_grad=row_grad, g0=None, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
-                    logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
-                    chunk_bytes=chunk_bytes)
-    elif dw_acc is not None:
-        dw_acc.zero_()
+    _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=None, lse=lse, lse_in=True,
+                row_grad=row_grad, g0=None, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
+                logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
     dw = _finish_dw(dw_acc, D, w_dtype, device)
     return dx if dx is not None else _empty(device).to(x_dtype), dw
 
