@@ -198,8 +198,8 @@ def _reference_dl(row_grad, logits, targets, lse, gs, softcap, logit_scale, igno
 
 
 def _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding, *, row_grad, gs,
-                      lse_in, need_dx, need_dw):
-    """The chunk loop: -> (row_loss, lse, dx fp32 or None, dw fp32 or None), dx/dw unscaled by gs."""
+                      lse_in, need_dx, need_dw, x_dtype, w_dtype):
+    """The chunk loop: -> (row_loss, lse, dx in x_dtype, dw in w_dtype), dx / dw empty when not computed."""
     T, D = x8.shape
     w8f = w8.float()
     scale = xs * ws
@@ -221,6 +221,8 @@ def _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_inde
                 dx[rows] = dl @ w8f
             if dw is not None:
                 dw += dl.T @ x8[rows].float()
+    dx = (dx * (gs * ws)).to(x_dtype) if dx is not None else _empty(x8.device).to(x_dtype)
+    dw = (dw * (gs * xs)).to(w_dtype) if dw is not None else _empty(x8.device).to(w_dtype)
     return row_loss, lse, dx, dw
 
 
@@ -238,10 +240,8 @@ def reference_forward(x, weight, targets, softcap, logit_scale, x_scale, w_scale
         gs = grad_scale_tensor(grad_scale, g0, logit_scale)
     row_loss, lse, dx, dw = _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding,
                                               row_grad=row_grad, gs=gs, lse_in=None, need_dx=need_dx,
-                                              need_dw=need_dw)
+                                              need_dw=need_dw, x_dtype=x.dtype, w_dtype=weight.dtype)
     device = x.device
-    dx = (dx * (gs * ws)).to(x.dtype) if dx is not None else _empty(device).to(x.dtype)
-    dw = (dw * (gs * xs)).to(weight.dtype) if dw is not None else _empty(device).to(weight.dtype)
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = x8 if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = w8 if keep else _empty(device).to(torch.float8_e4m3fn)
@@ -255,10 +255,8 @@ def reference_backward(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap,
     xs, ws = used_scales[0], used_scales[1]
     gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     _, _, dx, dw = _reference_chunks(x_f8, w_f8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding,
-                                     row_grad=row_grad, gs=gs, lse_in=lse, need_dx=need_dx, need_dw=need_dw)
-    device = x_f8.device
-    dx = (dx * (gs * ws)).to(x_dtype) if dx is not None else _empty(device).to(x_dtype)
-    dw = (dw * (gs * xs)).to(w_dtype) if dw is not None else _empty(device).to(w_dtype)
+                                     row_grad=row_grad, gs=gs, lse_in=lse, need_dx=need_dx, need_dw=need_dw,
+                                     x_dtype=x_dtype, w_dtype=w_dtype)
     return dx, dw
 
 
