@@ -165,10 +165,6 @@ def grad_scale_tensor(grad_scale: float | None, row_grad: torch.Tensor, logit_sc
     return dynamic_grad_scale(row_grad, logit_scale)
 
 
-def reduce_loss(row_loss: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
-    return _ce.reduce_rows(row_loss, targets, reduction, ignore_index)
-
-
 def _empty(device) -> torch.Tensor:
     return torch.empty((0,), dtype=torch.float32, device=device)
 
@@ -245,7 +241,7 @@ def reference_forward(x, weight, targets, softcap, logit_scale, x_scale, w_scale
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = x8 if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = w8 if keep else _empty(device).to(torch.float8_e4m3fn)
-    return (reduce_loss(row_loss, targets, reduction, ignore_index), lse, dx, dw, x_f8, w_f8,
+    return (_ce.reduce_rows(row_loss, targets, reduction, ignore_index), lse, dx, dw, x_f8, w_f8,
             torch.stack([xs, ws]))
 
 
@@ -409,7 +405,7 @@ def chunked_forward(stages: Stages, x, weight, targets, softcap, logit_scale, x_
     x_f8 = (x8 if Dp == D else x8[:, :D].contiguous()) if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = (w8[:V, :D].contiguous() if (Vp, Dp) != (V, D) else w8) if keep else _empty(device).to(
         torch.float8_e4m3fn)
-    return (reduce_loss(row_loss, targets, reduction, ignore_index), lse,
+    return (_ce.reduce_rows(row_loss, targets, reduction, ignore_index), lse,
             dx if dx is not None else _empty(device).to(x.dtype), dw, x_f8, w_f8, torch.stack([xs, ws]))
 
 
