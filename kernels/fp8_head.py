@@ -288,6 +288,22 @@ class Stages:
         """
         raise NotImplementedError
 
+    _partial = None  # overwrite_then_add's buffer, reused across chunks
+
+    def overwrite_then_add(self, out, accumulate: bool, write) -> None:
+        """out (+)= what write(target) stores into target, for a GEMM that can only overwrite its output.
+
+        torch._scaled_mm cannot add into out: with accumulate, write fills an fp32 partial shaped like
+        out (allocated once, reused by every chunk), which is then added.
+        """
+        if not accumulate:
+            write(out)
+            return
+        if self._partial is None or self._partial.shape != out.shape:
+            self._partial = self.alloc(tuple(out.shape), out.dtype, out.device)
+        write(self._partial)
+        out.add_(self._partial)
+
     def ce(self, logits, targets, row_loss, lse, *, dl, row_grad, g0, gs, lse_in: bool, round_dl_bf16: bool,
            softcap, logit_scale, ignore_index) -> None:
         """One chunk of softcapped cross-entropy over logits [n, V] (row stride >= V).

@@ -631,7 +631,6 @@ class TritonStages(_op.Stages):
             self.gemm["dw"] = config["dw_gemm"]
         if not fp8_mm:
             self.gemm = dict.fromkeys(self.gemm, "triton")
-        self._partial = None
 
     def alloc(self, shape, dtype, device):
         return _alloc(shape, dtype, device)
@@ -643,16 +642,8 @@ class TritonStages(_op.Stages):
         if self.gemm[role] == "triton":
             fp8_matmul(a, b, scale_a, scale_b, out, accumulate, fast_accum, self.config)
             return
-        target = out
-        if accumulate:
-            # _scaled_mm cannot add into its output: an fp32 partial, then one add.
-            if self._partial is None or self._partial.shape != out.shape:
-                self._partial = _alloc(tuple(out.shape), out.dtype, out.device)
-            target = self._partial
-        torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, use_fast_accum=fast_accum,
-                         out=target)
-        if accumulate:
-            out.add_(target)
+        self.overwrite_then_add(out, accumulate, lambda target: torch._scaled_mm(
+            a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, use_fast_accum=fast_accum, out=target))
 
     def ce(self, logits, targets, row_loss, lse, **kwargs):
         softcap_ce_rows(logits, targets, row_loss, lse, config=self.config, **kwargs)
