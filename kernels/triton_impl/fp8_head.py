@@ -53,7 +53,6 @@ Order: device helpers -> kernels -> launch configuration -> launchers -> stages 
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -67,7 +66,6 @@ E5M2_MAX = 57344.0
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _INT32_MAX = 2**31 - 1
-_LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------
@@ -392,10 +390,6 @@ def _fp8_matmul_kernel(
 # ---------------------------------------------------------------------------
 # Launch configuration
 # ---------------------------------------------------------------------------
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
