@@ -387,11 +387,6 @@ def _assert_fp8_close(name, got, want_scaled, dtype):
     assert worst <= 1.0, f"{name}: max error {float(err.max()):.3g} is {worst:.2f}x the one-ulp bound"
 
 
-def _raw(t):
-    """Bytes of float8 tensors (torch.equal has no float8 kernels), the tensor itself otherwise."""
-    return t.view(torch.uint8) if t.dtype in (E4M3, E5M2) else t
-
-
 def _assert_close(name, got, want, rtol, atol):
     assert torch.isfinite(got).all(), f"{name}: {int((~torch.isfinite(got)).sum())} non-finite elements"
     err = (got.double() - want).abs()
