@@ -1,5 +1,5 @@
 """A float64 oracle of fp8_head_loss, written from the op's documented math, independent of the package,
-and LargestTensor, the probe of the no-[T, V] tests.
+LargestTensor, the probe of the no-[T, V] tests, and rel, the relative error the tests compare with.
 
 Quantisation is done as the contract specifies it (the division in fp32, round-to-nearest-even
 casts, finite values saturated, non-finite ones NaN); everything after it is float64: logits,
@@ -99,6 +99,12 @@ def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, r
         loss = row_loss.sum() / n_valid if n_valid else torch.tensor(float("nan"), dtype=torch.float64)
     return dict(loss=loss, row_loss=row_loss, lse=lse, dl=torch.cat(dls) if dls else None, dx=dx, dw=dw,
                 x8=x8, w8=w8, xs=xs, ws=ws)
+
+
+def rel(got, want):
+    """||got - want|| / ||want|| in float64."""
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 class LargestTensor(TorchDispatchMode):
