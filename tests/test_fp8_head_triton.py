@@ -28,7 +28,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from fp8_head_oracle import LargestTensor, f64_fp8_head, rel  # noqa: E402
+from fp8_head_oracle import LargestTensor, f64_fp8_head, f64_softcap_ce, rel  # noqa: E402
 from kernels import fp8_head as ref  # noqa: E402
 from kernels.triton_impl import fp8_head as impl  # noqa: E402
 
@@ -200,19 +200,7 @@ def test_transpose_bytes_pads_with_zeros(triton_device, poisoned, n, V, n_pad):
 # ---------------------------------------------------------------------------
 
 def _ce_f64(logits, targets, softcap, logit_scale, ignore_index, row_grad, gs, record):
-    z_t = torch.tanh(logits.double() * (logit_scale / softcap))
-    z_t = torch.where(torch.isfinite(logits.double()), z_t, float("nan"))
-    z = softcap * z_t
-    lse = torch.logsumexp(z, dim=1)
-    valid = targets != ignore_index
-    in_range = (targets >= 0) & (targets < logits.shape[1])
-    safe = torch.where(valid & in_range, targets, 0)
-    loss = torch.where(valid, torch.where(in_range, lse - z.gather(1, safe[:, None]).squeeze(1), float("nan")), 0.0)
-    p = torch.exp(z - lse[:, None])
-    onehot = torch.zeros_like(p).scatter_(1, safe[:, None], 1.0)
-    g = torch.where(valid, torch.where(in_range, row_grad.double(), float("nan")), 0.0)
-    d = (p - onehot) * g[:, None] * logit_scale * (1 - z_t * z_t)
-    d = torch.where(valid[:, None], d, 0.0)
+    loss, lse, d = f64_softcap_ce(logits, targets, softcap, logit_scale, ignore_index, row_grad)
     if record:
         d = d.to(torch.bfloat16).double()
     q = d / float(gs)
