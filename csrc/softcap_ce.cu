@@ -24,6 +24,7 @@
 // ignore_index.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -253,44 +254,32 @@ __global__ void __launch_bounds__(kMaxThreads, 2) softcap_ce_kernel(CeParams p) 
   };
   // Loads are issued for kUnroll chunks before any is used; they stay packed (fp16 or the input
   // type) until then, which keeps the loop within the 64 registers of two 512-thread blocks per SM.
+  // src: the row's packed chunks (the cached fp16 t, or the logits); to_t: one element -> t.
+  auto chunk_loop = [&](const auto* src, auto to_t) {
+    using SrcPack = std::remove_cv_t<std::remove_pointer_t<decltype(src)>>;
+    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
+      SrcPack b[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) b[u] = src[c];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        std::int64_t c = c0 + std::int64_t(u) * nthreads;
+        if (c < nchunk) {
+          float t[VEC];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) t[j] = to_t(b[u].v[j]);
+          emit(c, t);
+        }
+      }
+    }
+  };
   if (from_cache) {
-    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
-      HalfPack h[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        std::int64_t c = c0 + std::int64_t(u) * nthreads;
-        if (c < nchunk) h[u] = cache_v[c];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        std::int64_t c = c0 + std::int64_t(u) * nthreads;
-        if (c < nchunk) {
-          float t[VEC];
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) t[j] = __half2float(h[u].v[j]);
-          emit(c, t);
-        }
-      }
-    }
+    chunk_loop(cache_v, [](__half h) { return __half2float(h); });
   } else {
-    for (std::int64_t c0 = tid; c0 < nchunk; c0 += kUnroll * nthreads) {
-      InPack b[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        std::int64_t c = c0 + std::int64_t(u) * nthreads;
-        if (c < nchunk) b[u] = src_v[c];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        std::int64_t c = c0 + std::int64_t(u) * nthreads;
-        if (c < nchunk) {
-          float t[VEC];
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) t[j] = softcap_t(to_float(b[u].v[j]), p.u_scale, true);
-          emit(c, t);
-        }
-      }
-    }
+    chunk_loop(src_v, [&](Tin v) { return softcap_t(to_float(v), p.u_scale, true); });
   }
   for (std::int64_t i = tail_start + tid; i < cols; i += nthreads) {
     float d = 0.0f;

@@ -158,15 +158,11 @@ def unit_row_grad(targets: torch.Tensor, ignore_index: int, reduction: str) -> t
     return torch.where(n_valid > 0, g0, torch.zeros_like(g0))
 
 
-def grad_scale_tensor(grad_scale: float | None, max_row_grad: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """The e5m2 scale of dl: the static grad_scale, or the dynamic bound from the largest row gradient."""
+def grad_scale_tensor(grad_scale: float | None, row_grad: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """The e5m2 scale of dl: the static grad_scale, or the dynamic bound from the row gradients (any shape)."""
     if grad_scale is not None:
-        return torch.tensor(grad_scale, dtype=torch.float32, device=max_row_grad.device)
-    return dynamic_grad_scale(max_row_grad.reshape(-1), logit_scale)
-
-
-def reduce_loss(row_loss: torch.Tensor, targets: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
-    return _ce.reduce_rows(row_loss, targets, reduction, ignore_index)
+        return torch.tensor(grad_scale, dtype=torch.float32, device=row_grad.device)
+    return dynamic_grad_scale(row_grad, logit_scale)
 
 
 def _empty(device) -> torch.Tensor:
@@ -198,8 +194,8 @@ def _reference_dl(row_grad, logits, targets, lse, gs, softcap, logit_scale, igno
 
 
 def _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding, *, row_grad, gs,
-                      lse_in, need_dx, need_dw):
-    """The chunk loop: -> (row_loss, lse, dx fp32 or None, dw fp32 or None), dx/dw unscaled by gs."""
+                      lse_in, need_dx, need_dw, x_dtype, w_dtype):
+    """The chunk loop: -> (row_loss, lse, dx in x_dtype, dw in w_dtype), dx / dw empty when not computed."""
     T, D = x8.shape
     w8f = w8.float()
     scale = xs * ws
@@ -221,6 +217,8 @@ def _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_inde
                 dx[rows] = dl @ w8f
             if dw is not None:
                 dw += dl.T @ x8[rows].float()
+    dx = (dx * (gs * ws)).to(x_dtype) if dx is not None else _empty(x8.device).to(x_dtype)
+    dw = (dw * (gs * xs)).to(w_dtype) if dw is not None else _empty(x8.device).to(w_dtype)
     return row_loss, lse, dx, dw
 
 
@@ -238,14 +236,12 @@ def reference_forward(x, weight, targets, softcap, logit_scale, x_scale, w_scale
         gs = grad_scale_tensor(grad_scale, g0, logit_scale)
     row_loss, lse, dx, dw = _reference_chunks(x8, w8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding,
                                               row_grad=row_grad, gs=gs, lse_in=None, need_dx=need_dx,
-                                              need_dw=need_dw)
+                                              need_dw=need_dw, x_dtype=x.dtype, w_dtype=weight.dtype)
     device = x.device
-    dx = (dx * (gs * ws)).to(x.dtype) if dx is not None else _empty(device).to(x.dtype)
-    dw = (dw * (gs * xs)).to(weight.dtype) if dw is not None else _empty(device).to(weight.dtype)
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = x8 if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = w8 if keep else _empty(device).to(torch.float8_e4m3fn)
-    return (reduce_loss(row_loss, targets, reduction, ignore_index), lse, dx, dw, x_f8, w_f8,
+    return (_ce.reduce_rows(row_loss, targets, reduction, ignore_index), lse, dx, dw, x_f8, w_f8,
             torch.stack([xs, ws]))
 
 
@@ -253,13 +249,10 @@ def reference_backward(row_grad, x_f8, w_f8, targets, lse, used_scales, softcap,
                        ignore_index, need_dx, need_dw, x_dtype, w_dtype, rounding):
     """reduction "none": -> (dx, dw) for per-row upstream gradients (0 at ignored rows), recomputing the logits."""
     xs, ws = used_scales[0], used_scales[1]
-    gs = grad_scale_tensor(grad_scale, row_grad.abs().amax() if row_grad.numel() else row_grad.new_zeros(()),
-                           logit_scale)
+    gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     _, _, dx, dw = _reference_chunks(x_f8, w_f8, xs, ws, targets, softcap, logit_scale, ignore_index, rounding,
-                                     row_grad=row_grad, gs=gs, lse_in=lse, need_dx=need_dx, need_dw=need_dw)
-    device = x_f8.device
-    dx = (dx * (gs * ws)).to(x_dtype) if dx is not None else _empty(device).to(x_dtype)
-    dw = (dw * (gs * xs)).to(w_dtype) if dw is not None else _empty(device).to(w_dtype)
+                                     row_grad=row_grad, gs=gs, lse_in=lse, need_dx=need_dx, need_dw=need_dw,
+                                     x_dtype=x_dtype, w_dtype=w_dtype)
     return dx, dw
 
 
@@ -294,6 +287,22 @@ class Stages:
         the logits only, K = D). accumulate: add into out (fp32) instead of overwriting it.
         """
         raise NotImplementedError
+
+    _partial = None  # overwrite_then_add's buffer, reused across chunks
+
+    def overwrite_then_add(self, out, accumulate: bool, write) -> None:
+        """out (+)= what write(target) stores into target, for a GEMM that can only overwrite its output.
+
+        torch._scaled_mm cannot add into out: with accumulate, write fills an fp32 partial shaped like
+        out (allocated once, reused by every chunk), which is then added.
+        """
+        if not accumulate:
+            write(out)
+            return
+        if self._partial is None or self._partial.shape != out.shape:
+            self._partial = self.alloc(tuple(out.shape), out.dtype, out.device)
+        write(self._partial)
+        out.add_(self._partial)
 
     def ce(self, logits, targets, row_loss, lse, *, dl, row_grad, g0, gs, lse_in: bool, round_dl_bf16: bool,
            softcap, logit_scale, ignore_index) -> None:
@@ -337,6 +346,10 @@ def _padded_fp8_t(t: torch.Tensor, shape) -> torch.Tensor:
 def _run_chunks(stages: Stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, *, row_loss, lse, lse_in, row_grad, g0,
                 gs, dx, dw_acc, rounding, softcap, logit_scale, ignore_index, chunk_rows, chunk_bytes):
     """The per-chunk loop; dx [T, D] and dw_acc [V, Dp] fp32 (or None) are written in place."""
+    if T == 0:  # no chunk to run; dW over no rows is 0 (else the first chunk's dW GEMM overwrites dw_acc)
+        if dw_acc is not None:
+            dw_acc.zero_()
+        return
     device = x8.device
     Vp, Dp = w8.shape
     logits_dtype = torch.bfloat16 if rounding == "record" else torch.float32
@@ -400,19 +413,15 @@ def chunked_forward(stages: Stages, x, weight, targets, softcap, logit_scale, x_
             dx = stages.alloc((T, D), x.dtype, device)
         if need_dw:
             dw_acc = stages.alloc((V, Dp), torch.float32, device)
-    if T:
-        _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=row_loss, lse=lse, lse_in=False,
-                    row_grad=None, g0=g0, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
-                    logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
-                    chunk_bytes=chunk_bytes)
-    elif dw_acc is not None:
-        dw_acc.zero_()
+    _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=row_loss, lse=lse, lse_in=False,
+                row_grad=None, g0=g0, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
+                logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
     dw = _finish_dw(dw_acc, D, weight.dtype, device)
     keep = reduction == "none" and (need_dx or need_dw)
     x_f8 = (x8 if Dp == D else x8[:, :D].contiguous()) if keep else _empty(device).to(torch.float8_e4m3fn)
     w_f8 = (w8[:V, :D].contiguous() if (Vp, Dp) != (V, D) else w8) if keep else _empty(device).to(
         torch.float8_e4m3fn)
-    return (reduce_loss(row_loss, targets, reduction, ignore_index), lse,
+    return (_ce.reduce_rows(row_loss, targets, reduction, ignore_index), lse,
             dx if dx is not None else _empty(device).to(x.dtype), dw, x_f8, w_f8, torch.stack([xs, ws]))
 
 
@@ -436,16 +445,12 @@ def chunked_backward(stages: Stages, row_grad, x_f8, w_f8, targets, lse, used_sc
     w8 = _padded_fp8(w_f8, (Vp, Dp))
     x8t = _padded_fp8_t(x_f8, (Dp, T16)) if need_dw else None
     w8t = _padded_fp8_t(w_f8, (Dp, Vp)) if need_dx else None
-    gs = grad_scale_tensor(grad_scale, row_grad.abs().amax() if T else row_grad.new_zeros(()), logit_scale)
+    gs = grad_scale_tensor(grad_scale, row_grad, logit_scale)
     dx = stages.alloc((T, D), x_dtype, device) if need_dx else None
     dw_acc = stages.alloc((V, Dp), torch.float32, device) if need_dw else None
-    if T:
-        _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=None, lse=lse, lse_in=True,
-                    row_grad=row_grad, g0=None, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
-                    logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows,
-                    chunk_bytes=chunk_bytes)
-    elif dw_acc is not None:
-        dw_acc.zero_()
+    _run_chunks(stages, x8, w8, x8t, w8t, xs, ws, targets, T, D, V, row_loss=None, lse=lse, lse_in=True,
+                row_grad=row_grad, g0=None, gs=gs, dx=dx, dw_acc=dw_acc, rounding=rounding, softcap=softcap,
+                logit_scale=logit_scale, ignore_index=ignore_index, chunk_rows=chunk_rows, chunk_bytes=chunk_bytes)
     dw = _finish_dw(dw_acc, D, w_dtype, device)
     return dx if dx is not None else _empty(device).to(x_dtype), dw
 

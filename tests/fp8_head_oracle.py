@@ -1,5 +1,6 @@
-"""A float64 oracle of fp8_head_loss, written from the op's documented math, independent of the package,
-and LargestTensor, the probe of the no-[T, V] tests.
+"""Float64 oracles of fp8_head_loss (f64_fp8_head) and of its softcapped cross-entropy alone
+(f64_softcap_ce), written from the op's documented math, independent of the package; LargestTensor,
+the probe of the no-[T, V] tests; rel, the relative error the tests compare with.
 
 Quantisation is done as the contract specifies it (the division in fp32, round-to-nearest-even
 casts, finite values saturated, non-finite ones NaN); everything after it is float64: logits,
@@ -29,6 +30,33 @@ def _scale(t, static):
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
+def f64_softcap_ce(logits, targets, softcap, logit_scale, ignore_index, row_grad=None):
+    """-> (row_loss, lse, dlogits or None) in float64, for logits [R, V] and targets [R].
+
+    row_grad: d(total)/d(row_loss), [R] or broadcastable to it; None: no gradient. Ignored rows have
+    loss and gradient 0; rows with a non-finite logit, or a target outside [0, V) that is not
+    ignore_index, NaN.
+    """
+    logits = logits.double()
+    t = torch.tanh(logits * (logit_scale / softcap))
+    t = torch.where(torch.isfinite(logits), t, float("nan"))
+    z = softcap * t
+    lse = torch.logsumexp(z, dim=1)
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < logits.shape[1])
+    safe = torch.where(valid & in_range, targets, 0)
+    row_loss = torch.where(valid, torch.where(in_range, lse - z.gather(1, safe[:, None]).squeeze(1), float("nan")),
+                           0.0)
+    if row_grad is None:
+        return row_loss, lse, None
+    p = torch.exp(z - lse[:, None])
+    onehot = torch.zeros_like(p).scatter_(1, safe[:, None], 1.0)
+    g = torch.as_tensor(row_grad, dtype=torch.float64, device=lse.device).expand_as(lse)
+    g = torch.where(valid, torch.where(in_range, g, float("nan")), 0.0)
+    dlogits = (p - onehot) * g[:, None] * logit_scale * (1 - t * t)
+    return row_loss, lse, torch.where(valid[:, None], dlogits, 0.0)
+
+
 def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, reduction="sum", ignore_index=-100,
                  rounding="fp32", upstream=None, rows=None):
     """-> dict(loss, row_loss, lse, dl (e5m2 values, float64) or None, dx, dw) in float64.
@@ -45,7 +73,6 @@ def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, r
     x8 = _q(x.float(), xs, torch.float8_e4m3fn, E4M3_MAX, round_bf16=record)
     w8 = _q(w.float(), ws, torch.float8_e4m3fn, E4M3_MAX)
     valid = targets != ignore_index
-    in_range = (targets >= 0) & (targets < w.shape[0])
     n_valid = int(valid.sum())
     grads = upstream is not None
     if grads:
@@ -72,19 +99,9 @@ def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, r
         logits = (x8[r] @ w8.T) * (xs.double() * ws.double())
         if record:
             logits = logits.to(torch.bfloat16).double()
-        t = torch.tanh(logits * (logit_scale / softcap))
-        t = torch.where(torch.isfinite(logits), t, float("nan"))
-        z = softcap * t
-        lse[r] = torch.logsumexp(z, dim=1)
-        safe = torch.where(valid[r] & in_range[r], targets[r], 0)
-        zt = z.gather(1, safe[:, None]).squeeze(1)
-        row_loss[r] = torch.where(valid[r], torch.where(in_range[r], lse[r] - zt, float("nan")), 0.0)
+        row_loss[r], lse[r], dlogits = f64_softcap_ce(logits, targets[r], softcap, logit_scale, ignore_index,
+                                                      row_grad[r] if grads else None)
         if grads:
-            p = torch.exp(z - lse[r][:, None])
-            onehot = torch.zeros_like(p).scatter_(1, safe[:, None], 1.0)
-            g = torch.where(in_range[r], row_grad[r], float("nan"))
-            dlogits = (p - onehot) * g[:, None] * logit_scale * (1 - t * t)
-            dlogits = torch.where(valid[r][:, None], dlogits, 0.0)
             if record:
                 dlogits = dlogits.to(torch.bfloat16).double()
             dl = _q(dlogits, gs, torch.float8_e5m2, E5M2_MAX)
@@ -99,6 +116,12 @@ def f64_fp8_head(x, w, targets, *, softcap=15.0, logit_scale=1.0, scales=None, r
         loss = row_loss.sum() / n_valid if n_valid else torch.tensor(float("nan"), dtype=torch.float64)
     return dict(loss=loss, row_loss=row_loss, lse=lse, dl=torch.cat(dls) if dls else None, dx=dx, dw=dw,
                 x8=x8, w8=w8, xs=xs, ws=ws)
+
+
+def rel(got, want):
+    """||got - want|| / ||want|| in float64."""
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 class LargestTensor(TorchDispatchMode):

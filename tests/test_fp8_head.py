@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp8_head_oracle import LargestTensor, f64_fp8_head
+from fp8_head_oracle import LargestTensor, f64_fp8_head, rel
 from kernels import SPEEDRUN_SCALES, fp8_head_loss, set_target_checks
 from kernels import fp8_head as op
 from kernels.fp8_head import _fp8_head_loss_backward_op, _fp8_head_loss_op, quantize
@@ -24,11 +24,6 @@ def make(T, D, V, dtype=torch.float32, seed=0):
 def upstream_for(loss, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(loss.shape, generator=g) + 0.5  # not assumed to be 1
-
-
-def rel(got, want):
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from fp8_head_oracle import LargestTensor, f64_fp8_head  # noqa: E402
+from fp8_head_oracle import LargestTensor, f64_fp8_head, f64_softcap_ce, rel  # noqa: E402
 from kernels import fp8_head as ref  # noqa: E402
 from kernels.triton_impl import fp8_head as impl  # noqa: E402
 
@@ -49,11 +49,6 @@ def _inputs(T, D, V, dtype, device, seed, ignore_every=5, w_dtype=None):
     if ignore_every:
         targets[1::ignore_every] = -100
     return x.to(device=device, dtype=dtype), w.to(device=device, dtype=w_dtype or dtype), targets.to(device)
-
-
-def _rel(got, want):
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-300))
 
 
 def _same_fp8(got, want):
@@ -205,19 +200,7 @@ def test_transpose_bytes_pads_with_zeros(triton_device, poisoned, n, V, n_pad):
 # ---------------------------------------------------------------------------
 
 def _ce_f64(logits, targets, softcap, logit_scale, ignore_index, row_grad, gs, record):
-    z_t = torch.tanh(logits.double() * (logit_scale / softcap))
-    z_t = torch.where(torch.isfinite(logits.double()), z_t, float("nan"))
-    z = softcap * z_t
-    lse = torch.logsumexp(z, dim=1)
-    valid = targets != ignore_index
-    in_range = (targets >= 0) & (targets < logits.shape[1])
-    safe = torch.where(valid & in_range, targets, 0)
-    loss = torch.where(valid, torch.where(in_range, lse - z.gather(1, safe[:, None]).squeeze(1), float("nan")), 0.0)
-    p = torch.exp(z - lse[:, None])
-    onehot = torch.zeros_like(p).scatter_(1, safe[:, None], 1.0)
-    g = torch.where(valid, torch.where(in_range, row_grad.double(), float("nan")), 0.0)
-    d = (p - onehot) * g[:, None] * logit_scale * (1 - z_t * z_t)
-    d = torch.where(valid[:, None], d, 0.0)
+    loss, lse, d = f64_softcap_ce(logits, targets, softcap, logit_scale, ignore_index, row_grad)
     if record:
         d = d.to(torch.bfloat16).double()
     q = d / float(gs)
@@ -334,8 +317,8 @@ def test_chunked_op_matches_float64(triton_device, poisoned, reduction, rounding
     torch.testing.assert_close(lse.double().cpu(), want["lse"], rtol=1e-5, atol=1e-5)
     assert dx.shape == x.shape and dw.shape == w.shape
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all(), "unwritten (poisoned) gradient elements"
-    assert _rel(dx.cpu(), want["dx"]) < 1e-4 and _rel(dw.cpu(), want["dw"]) < 1e-4, \
-        (_rel(dx.cpu(), want["dx"]), _rel(dw.cpu(), want["dw"]))
+    assert rel(dx.cpu(), want["dx"]) < 1e-4 and rel(dw.cpu(), want["dw"]) < 1e-4, \
+        (rel(dx.cpu(), want["dx"]), rel(dw.cpu(), want["dw"]))
     assert torch.all(dx[targets == -100] == 0)
 
 
@@ -349,7 +332,7 @@ def test_chunked_op_output_dtypes(triton_device, poisoned, dtype, w_dtype):
     want = f64_fp8_head(x.cpu(), w.cpu(), targets.cpu(), softcap=SOFTCAP, logit_scale=0.5, reduction="mean",
                         upstream=1.0)
     assert dx.dtype == dtype and dw.dtype == w_dtype
-    assert _rel(dx.cpu(), want["dx"]) < 4e-3 and _rel(dw.cpu(), want["dw"]) < 4e-3  # 16-bit outputs: 2^-9 rounding
+    assert rel(dx.cpu(), want["dx"]) < 4e-3 and rel(dw.cpu(), want["dw"]) < 4e-3  # 16-bit outputs: 2^-9 rounding
 
 
 @pytest.mark.interpret
@@ -496,7 +479,7 @@ def test_public_op_triton_matches_reference_backend(triton_device, monkeypatch, 
         results.append((loss.detach(), x.grad, w.grad))
     (loss_r, dx_r, dw_r), (loss_t, dx_t, dw_t) = results
     torch.testing.assert_close(loss_t, loss_r, rtol=1e-5, atol=1e-5)
-    assert _rel(dx_t, dx_r) < 1e-4 and _rel(dw_t, dw_r) < 1e-4
+    assert rel(dx_t, dx_r) < 1e-4 and rel(dw_t, dw_r) < 1e-4
 
 
 @pytest.mark.interpret
@@ -700,13 +683,13 @@ def test_gpu_dx_dw_accumulate_in_full_precision(cuda_device, monkeypatch, gemm, 
     def watched(self, a, b, sa, sb, out, *, role, fast_accum, accumulate):
         want = (a.double() @ b.double()) * (sa.double() * sb.double()) if role != "logits" else None
         if role == "dx" and not errors["dx_fast"]:
-            errors["dx_fast"].append(_rel(fast_twin(self, role, a, b, sa, sb, out), want))
+            errors["dx_fast"].append(rel(fast_twin(self, role, a, b, sa, sb, out), want))
         if role == "dw" and not errors["dw_fast"]:
-            errors["dw_fast"].append(_rel(fast_twin(self, role, a, b, sa, sb,
+            errors["dw_fast"].append(rel(fast_twin(self, role, a, b, sa, sb,
                                                     torch.empty_like(want, dtype=torch.float32)), want))
         real(self, a, b, sa, sb, out, role=role, fast_accum=fast_accum, accumulate=accumulate)
         if role == "dx":
-            errors["dx"].append(_rel(out, want))
+            errors["dx"].append(rel(out, want))
         elif role == "dw":
             dw64.add_(want)
 
@@ -715,7 +698,7 @@ def test_gpu_dx_dw_accumulate_in_full_precision(cuda_device, monkeypatch, gemm, 
                                             True, True, rounding, config={"gemm": gemm})
     torch.cuda.synchronize()
     assert len(errors["dx"]) >= 2 and max(errors["dx"]) < 3e-3, errors
-    dw_err = _rel(dw, dw64)
+    dw_err = rel(dw, dw64)
     assert dw_err < 1e-4, dw_err
     assert errors["dx_fast"][0] > 1.25 * errors["dx"][0] and errors["dw_fast"][0] > 10 * dw_err, \
         f"fast accumulation is as accurate as the full-precision mode: {errors}, dW {dw_err:.2e}"
@@ -747,7 +730,7 @@ def test_gpu_speedrun_shape_against_float64_and_memory(cuda_device, backend):
     # tanh.approx in the gradient pass flips ~1 % of the e5m2 codes by one step against float64.
     for name, got, ref64 in (("dx", xg.grad, want["dx"]), ("dw", wg.grad, want["dw"])):
         cos = float(F.cosine_similarity(got.double().flatten(), ref64.flatten(), dim=0))
-        assert cos > 0.9999 and _rel(got, ref64) < 2e-2, (name, cos, _rel(got, ref64))
+        assert cos > 0.9999 and rel(got, ref64) < 2e-2, (name, cos, rel(got, ref64))
 
 
 if __name__ == "__main__":  # child process of test_kernels_compile_for_h100, or: python tests/... --compile-report

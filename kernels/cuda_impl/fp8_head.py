@@ -35,7 +35,6 @@ def _fp8_matmul_supported(device: torch.device) -> bool:
 class CudaStages(_op.Stages):
     def __init__(self, device: torch.device):
         self.fp8_mm = _fp8_matmul_supported(device)
-        self._partial = None
 
     def alloc(self, shape, dtype, device):
         return ops._alloc(shape, dtype, device)
@@ -53,20 +52,15 @@ class CudaStages(_op.Stages):
         return buf, buf_t, used
 
     def mm(self, a, b, scale_a, scale_b, out, *, role, fast_accum, accumulate):
-        target = out
-        if accumulate:
-            # _scaled_mm cannot add into its output: an fp32 partial, then one add.
-            if self._partial is None or self._partial.shape != out.shape:
-                self._partial = ops._alloc(tuple(out.shape), out.dtype, out.device)
-            target = self._partial
-        if self.fp8_mm:
-            torch._scaled_mm(a, b, scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()), out_dtype=out.dtype,
-                             use_fast_accum=fast_accum, out=target)
-        else:
-            # float8 values have at most 4 significant bits, so fp32 products are exact.
-            target.copy_((a.float() @ b.float()) * (scale_a * scale_b))
-        if accumulate:
-            out.add_(target)
+        def write(target):
+            if self.fp8_mm:
+                torch._scaled_mm(a, b, scale_a=scale_a.reshape(()), scale_b=scale_b.reshape(()), out_dtype=out.dtype,
+                                 use_fast_accum=fast_accum, out=target)
+            else:
+                # float8 values have at most 4 significant bits, so fp32 products are exact.
+                target.copy_((a.float() @ b.float()) * (scale_a * scale_b))
+
+        self.overwrite_then_add(out, accumulate, write)
 
     def ce(self, logits, targets, row_loss, lse, *, dl, row_grad, g0, gs, lse_in, round_dl_bf16, softcap,
            logit_scale, ignore_index):

@@ -53,7 +53,6 @@ Order: device helpers -> kernels -> launch configuration -> launchers -> stages 
 """
 
 import functools
-import os
 
 import torch
 import triton
@@ -67,7 +66,6 @@ E5M2_MAX = 57344.0
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _INT32_MAX = 2**31 - 1
-_LOG2E = 1.4426950408889634
 
 
 # ---------------------------------------------------------------------------
@@ -393,10 +391,6 @@ def _fp8_matmul_kernel(
 # Launch configuration
 # ---------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -631,7 +625,6 @@ class TritonStages(_op.Stages):
             self.gemm["dw"] = config["dw_gemm"]
         if not fp8_mm:
             self.gemm = dict.fromkeys(self.gemm, "triton")
-        self._partial = None
 
     def alloc(self, shape, dtype, device):
         return _alloc(shape, dtype, device)
@@ -643,16 +636,8 @@ class TritonStages(_op.Stages):
         if self.gemm[role] == "triton":
             fp8_matmul(a, b, scale_a, scale_b, out, accumulate, fast_accum, self.config)
             return
-        target = out
-        if accumulate:
-            # _scaled_mm cannot add into its output: an fp32 partial, then one add.
-            if self._partial is None or self._partial.shape != out.shape:
-                self._partial = _alloc(tuple(out.shape), out.dtype, out.device)
-            target = self._partial
-        torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, use_fast_accum=fast_accum,
-                         out=target)
-        if accumulate:
-            out.add_(target)
+        self.overwrite_then_add(out, accumulate, lambda target: torch._scaled_mm(
+            a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out.dtype, use_fast_accum=fast_accum, out=target))
 
     def ce(self, logits, targets, row_loss, lse, **kwargs):
         softcap_ce_rows(logits, targets, row_loss, lse, config=self.config, **kwargs)
