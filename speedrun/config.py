@@ -11,6 +11,7 @@ import dataclasses
 import math
 import typing
 
+from kernels._checks import FP32_MAX, FP32_TINY
 from kernels.newton_schulz import MAX_STEPS as NS_MAX_STEPS
 from speedrun.data import DEFAULT_FINEWEB_DIR, SyntheticSpec
 
@@ -151,8 +152,7 @@ class Config:
 
 COMPILE_CHOICES = ("auto", "true", "false", "inductor", "aot_eager", "eager")
 
-FP32_MAX = 3.4028234663852886e38      # the largest finite float32: lrs, scales and caps are used in fp32
-FP32_TINY = 1.1754943508222875e-38    # the smallest normal float32: a smaller eps is 0 in the update
+# FP32_MAX / FP32_TINY (kernels._checks): lrs, scales and caps are used in fp32; a smaller eps is 0 in the update.
 
 
 def _in(lo, hi, lo_open=False, hi_open=False):
