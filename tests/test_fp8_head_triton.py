@@ -516,44 +516,12 @@ def _compile_src(fn, signature, constexprs, options):
 
 
 def _sass_facts(kernel):
-    """Registers, local memory and spills of the cubin, and instruction counts in its SASS.
+    """Registers, local memory and spills of the cubin, and instruction counts in its SASS (tune.resources)."""
+    from kernels.triton_impl.tune import resources
 
-    cuobjdump -res-usage gives registers and local (spill) bytes; ptxas -v on the PTX, with the
-    first ptxas at hand that accepts its version (triton's own, or the CUDA toolkit's), the spill stores.
-    """
-    import glob
-    import re
-    import shutil
-    import tempfile
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    candidates = sorted(glob.glob(os.path.join(bin_dir, "ptxas*")), reverse=True)
-    candidates += [p for p in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas") if p and os.path.exists(p)]
-    spills = None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(kernel.asm["cubin"])
-        cuobjdump = os.path.join(bin_dir, "cuobjdump")
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        for ptxas in candidates:
-            run = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k2.cubin")],
-                                 capture_output=True, text=True)
-            if run.returncode == 0:
-                spills = sum(int(m) for m in re.findall(r"(\d+) bytes spill stores", run.stderr))
-                break
-    reg = re.search(r"REG:(\d+)", usage)
-    local = re.search(r"LOCAL:(\d+)", usage)
-    mufu = {}
-    for op_name in re.findall(r"MUFU\.([A-Z0-9]+)", sass):
-        mufu[op_name] = mufu.get(op_name, 0) + 1
-    return dict(registers=int(reg.group(1)) if reg else None, local_bytes=int(local.group(1)) if local else None,
-                spills=spills, hgmma=len(re.findall(r"\bHGMMA\.", sass)), qgmma=len(re.findall(r"\bQGMMA\.", sass)),
-                utmaldg=sass.count("UTMALDG"), mufu=mufu)
+    facts = resources(kernel)
+    return dict(registers=facts["reg"], local_bytes=facts["local"], spills=facts["spill_stores"],
+                hgmma=facts["HGMMA"], qgmma=facts["QGMMA"], utmaldg=facts["UTMALDG"], mufu=facts["MUFU_KINDS"])
 
 
 def compile_report() -> list[dict]:

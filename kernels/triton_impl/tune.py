@@ -26,6 +26,7 @@ import json
 import os
 import pprint
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,11 +167,10 @@ def resources(compiled) -> dict:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        # triton ships a ptxas per architecture family; the first one that takes this PTX version
-        for name in sorted(os.listdir(os.path.dirname(_bin("ptxas"))), reverse=True):
-            if not name.startswith("ptxas"):
-                continue
-            ptxas = subprocess.run([_bin(name), "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "p.cubin")],
+        # triton ships a ptxas per architecture family, the CUDA toolkit may have a newer one: the
+        # first that takes this PTX version
+        for path in _ptxas_candidates():
+            ptxas = subprocess.run([path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "p.cubin")],
                                    capture_output=True, text=True)
             if ptxas.returncode == 0:
                 break
@@ -182,9 +182,17 @@ def resources(compiled) -> dict:
     facts["spill_stores"] = sum(stores) if ptxas.returncode == 0 else None
     facts["spill_loads"] = sum(loads) if ptxas.returncode == 0 else None
     opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, flags=re.M)
-    for op in ("HGMMA", "UTMALDG", "UTMASTG", "LDGSTS", "MUFU", "LDL", "STL"):
+    for op in ("HGMMA", "QGMMA", "UTMALDG", "UTMASTG", "LDGSTS", "MUFU", "LDL", "STL"):
         facts[op] = sum(1 for o in opcodes if o.split(".")[0] == op)
+    kinds = [o.split(".")[1] for o in opcodes if o.startswith("MUFU.")]
+    facts["MUFU_KINDS"] = {k: kinds.count(k) for k in sorted(set(kinds))}  # e.g. {"EX2": 97, "TANH": 32}
     return facts
+
+
+def _ptxas_candidates() -> list[str]:
+    bin_dir = os.path.dirname(_bin("ptxas"))
+    found = [os.path.join(bin_dir, n) for n in sorted(os.listdir(bin_dir), reverse=True) if n.startswith("ptxas")]
+    return found + [p for p in (shutil.which("ptxas"), "/usr/local/cuda/bin/ptxas") if p and os.path.exists(p)]
 
 
 def report_resources(as_json: bool, only: str | None = None) -> int:
